@@ -1,0 +1,24 @@
+"""leanvlm: spend less compute on visual tokens in vision-language models."""
+
+from . import adapters as _adapters  # noqa: F401  (registers the adapters)
+from .api import Applied, apply, last_report, remove
+from .errors import ConfigError, IncompatibleMethodsError, LeanVLMError, UnsupportedModelError
+from .methods import FastV, Method, PyramidDrop
+from .registry import METHODS
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METHODS",
+    "Applied",
+    "ConfigError",
+    "FastV",
+    "IncompatibleMethodsError",
+    "LeanVLMError",
+    "Method",
+    "PyramidDrop",
+    "UnsupportedModelError",
+    "apply",
+    "last_report",
+    "remove",
+]

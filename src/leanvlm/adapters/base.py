@@ -1,0 +1,91 @@
+"""What the engine needs to know about a model. All model-specific knowledge lives in adapters/."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from ..ops.rope import apply_rope
+
+
+class Adapter:
+    """Base adapter for VLMs whose LLM is a stack of LLaMA-style decoder layers.
+
+    A subclass names the model classes it serves and says where the pieces are; the methods and the
+    engine ask only these questions.
+    """
+
+    name: str = "base"
+    model_classes: tuple[str, ...] = ()
+    #: RoPE positions can be re-numbered (False for M-RoPE, whose ids encode (t, h, w)).
+    supports_compact_positions: bool = True
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        layer = self.layers[0]
+        attn = getattr(layer, "self_attn", None)
+        needed = ("q_proj", "k_proj")
+        if attn is None or not all(hasattr(attn, n) for n in needed) or not hasattr(layer, "input_layernorm"):
+            raise UnsupportedModelError(
+                f"{type(model).__name__}: its language model {type(self.text_model).__name__} does not have "
+                "LLaMA-style decoder layers (input_layernorm, self_attn.q_proj / k_proj)"
+            )
+
+    # --- where things are -------------------------------------------------------------------------
+    @property
+    def vlm_model(self) -> nn.Module:
+        """The module whose forward receives ``input_ids`` (to locate the visual tokens)."""
+        return self.model.model
+
+    @property
+    def text_model(self) -> nn.Module:
+        """The bare decoder stack (no LM head)."""
+        return self.model.model.language_model
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.text_model.layers
+
+    @property
+    def text_config(self):
+        return self.text_model.config
+
+    @property
+    def num_layers(self) -> int:
+        return self.text_config.num_hidden_layers
+
+    @property
+    def attn_implementation(self) -> str:
+        return self.text_config._attn_implementation or "eager"
+
+    # --- questions the engine asks ----------------------------------------------------------------
+    def visual_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+        """[B, N] bool: which input positions hold visual tokens."""
+        raise NotImplementedError
+
+    def query_key(
+        self, layer_idx: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, query_slots: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Queries of ``query_slots`` [B, Q] and keys of every token, as layer ``layer_idx`` computes them
+        from its input ``hidden`` [B, N, D]: input norm, q/k projections (and q/k norms where the model has
+        them), RoPE. Returns q [B, H, Q, Dh], k [B, H_kv, N, Dh] and the attention scaling."""
+        layer = self.layers[layer_idx]
+        attn = layer.self_attn
+        b, n, d = hidden.shape
+        hd = attn.head_dim
+        x = layer.input_layernorm(hidden)
+        xq = x.gather(1, query_slots[..., None].expand(-1, -1, d))
+        q = attn.q_proj(xq).view(b, query_slots.shape[1], -1, hd)
+        k = attn.k_proj(x).view(b, n, -1, hd)
+        if hasattr(attn, "q_norm"):
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
+        slots = query_slots[..., None].expand(-1, -1, cos.shape[-1])
+        q = apply_rope(q.transpose(1, 2), cos.gather(1, slots), sin.gather(1, slots))
+        k = apply_rope(k.transpose(1, 2), cos, sin)
+        return q, k, attn.scaling
+
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) for ``position_ids`` as the LLM computes them."""
+        return self.text_model.rotary_emb(hidden, position_ids=position_ids)

@@ -1,0 +1,104 @@
+"""apply / remove: install methods on a stock transformers VLM and take them away again."""
+
+from __future__ import annotations
+
+import weakref
+
+from .engine import Engine, Trace
+from .errors import ConfigError, IncompatibleMethodsError, UnsupportedModelError
+from .methods.base import Method
+from .registry import find_adapter
+
+SUPPORTED_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
+
+_APPLIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class Applied:
+    """Handle returned by :func:`apply`. Use it as a context manager or call :meth:`remove`."""
+
+    def __init__(self, model, methods: tuple[Method, ...], adapter, engine: Engine):
+        self.model = model
+        self.methods = methods
+        self.adapter = adapter
+        self.engine = engine
+
+    @property
+    def trace(self) -> Trace:
+        """Token counts each decoder layer processed in the last prefill (see :class:`Trace`)."""
+        return self.engine.trace
+
+    @property
+    def active(self) -> bool:
+        return _APPLIED.get(self.model) is self
+
+    def remove(self) -> None:
+        """Take every hook away; the model is exactly as before :func:`apply`. Idempotent."""
+        if self.active:
+            self.engine.remove()
+            del _APPLIED[self.model]
+
+    def __enter__(self) -> Applied:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        names = ", ".join(m.describe() for m in self.methods) or "no method"
+        return f"Applied({type(self.model).__name__}, {names}, active={self.active})"
+
+
+def apply(model, *methods: Method) -> Applied:
+    """Install ``methods`` on ``model`` (a stock transformers VLM); returns a handle.
+
+    Every check runs before anything is installed, so a failing call leaves the model untouched.
+    With no method, only the trace is recorded (useful as a baseline).
+    """
+    if model in _APPLIED:
+        raise IncompatibleMethodsError(
+            f"{type(model).__name__} already has {_APPLIED[model]!r}; call lv.remove(model) first"
+        )
+    for m in methods:
+        if not isinstance(m, Method):
+            raise ConfigError(f"apply() takes method configs such as lv.FastV(...); got {m!r}")
+    adapter = find_adapter(model)
+    llm = [m for m in methods if m.stage == "llm"]
+    if len(llm) > 1:
+        raise IncompatibleMethodsError(
+            f"at most one in-LLM method at a time; got {', '.join(type(m).__name__ for m in llm)}"
+        )
+    for m in methods:
+        m.check_model(adapter.num_layers)
+        if getattr(m, "positions", None) == "compact" and not adapter.supports_compact_positions:
+            raise ConfigError(
+                f"{type(m).__name__}: positions='compact' is not possible on {type(model).__name__} "
+                "(its RoPE ids encode layout); use positions='original'"
+            )
+    impl = adapter.attn_implementation
+    if llm and impl not in SUPPORTED_ATTENTION:
+        raise UnsupportedModelError(
+            f"attn_implementation={impl!r} is not supported; supported: {', '.join(SUPPORTED_ATTENTION)}"
+        )
+    engine = Engine(adapter, llm[0] if llm else None)
+    engine.install()
+    handle = Applied(model, tuple(methods), adapter, engine)
+    _APPLIED[model] = handle
+    return handle
+
+
+def remove(model) -> bool:
+    """Remove whatever :func:`apply` installed on ``model``. Returns False if nothing was applied."""
+    handle = _APPLIED.get(model)
+    if handle is None:
+        return False
+    handle.remove()
+    return True
+
+
+def last_report(model) -> Trace:
+    """The trace of the last prefill of a model that has methods applied."""
+    handle = _APPLIED.get(model)
+    if handle is None:
+        raise ConfigError(f"{type(model).__name__} has nothing applied; call lv.apply(model, ...) first")
+    return handle.trace

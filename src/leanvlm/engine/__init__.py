@@ -1,0 +1,7 @@
+"""The only code that drives the decoder-layer loop."""
+
+from .loop import Engine
+from .state import KVMap, TokenState
+from .trace import StageRecord, Trace
+
+__all__ = ["Engine", "KVMap", "StageRecord", "TokenState", "Trace"]

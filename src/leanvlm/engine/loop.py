@@ -1,0 +1,366 @@
+"""The engine: drives token reduction through a stock transformers decoder-layer loop.
+
+It never copies a model's forward. Hooks on four places do the work:
+
+* the VLM module (pre-hook): sees ``input_ids`` and records which positions are visual tokens;
+* the LLM decoder stack (pre / post hooks): decides whether this call is a fresh prefill (no cached
+  tokens: tokens may be dropped) or an extension of a cache that an earlier prefill reduced (the new
+  tokens attend only to what each layer kept), and records the trace;
+* decoder layers (pre-hooks): at a scoring layer, rank visual tokens; at a reduction layer, gather
+  the hidden states, positions, rotary tables and mask; at every later layer, hand it the reduced
+  mask / positions instead of the full-length ones the model built for layer 0.
+
+Layers before the first reduction always see the full sequence, so layer 0's cache length (which
+transformers reads for positions and masks) stays in original coordinates.
+"""
+
+from __future__ import annotations
+
+import types
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import LeanVLMError
+from ..ops import (
+    attention_to_keys,
+    build_bool_mask,
+    compact_indices,
+    gather_mask,
+    mean_query_scores,
+    to_layer_format,
+    topk_keep,
+)
+from ..ops.masks import mask_keys
+from .state import KVMap, TokenState, expand_positions, gather_positions, gather_rows
+from .trace import StageRecord, Trace
+
+
+@dataclass
+class _Call:
+    """Per-forward bookkeeping."""
+
+    mode: str  # "prefill" or "extend"
+    n_input: int
+    valid: torch.Tensor  # [B, N] of the call's own tokens
+    visual: torch.Tensor | None = None
+    prompt_len: int = 0
+    visual_counts: list[int] = field(default_factory=list)
+    state: TokenState | None = None
+    reduced: bool = False
+    stage_states: list[TokenState] = field(default_factory=list)
+    scores: dict[int, torch.Tensor] = field(default_factory=dict)
+    masks: dict = field(default_factory=dict)
+    rope: dict = field(default_factory=dict)
+    cache: object | None = None
+    # extend mode
+    kvmaps: list[KVMap] = field(default_factory=list)
+    past_len: int = 0
+    n_prompt: int = 0
+    new_orig: torch.Tensor | None = None
+
+
+class Engine:
+    """Installs the hooks for one in-LLM method (or none: then it only records the trace)."""
+
+    def __init__(self, adapter, method=None):
+        self.adapter = adapter
+        self.method = method
+        n_layers = adapter.num_layers
+        self.trace = Trace(num_layers=n_layers)
+        self.stages = [] if method is None or method.is_noop else method.drop_stages(n_layers)
+        self.positions = getattr(method, "positions", "original")
+        self.query = getattr(method, "query", "last")
+        self.stage_of_layer = [sum(s.layer <= i for s in self.stages) for i in range(n_layers)]
+        self.score_at: dict[int, list[int]] = {}
+        for i, s in enumerate(self.stages):
+            self.score_at.setdefault(s.score_layer, []).append(i)
+        self.drop_at = {s.layer: i for i, s in enumerate(self.stages)}
+        self.prompt_len: int | None = None
+        self._visual: torch.Tensor | None = None
+        self._call: _Call | None = None
+        self._maps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._handles: list = []
+        self._patched_generate = False
+
+    # --- install / remove ---------------------------------------------------------------------------
+    def install(self) -> None:
+        a = self.adapter
+        self._handles.append(a.vlm_model.register_forward_pre_hook(self._vlm_pre, with_kwargs=True))
+        self._handles.append(a.text_model.register_forward_pre_hook(self._text_pre, with_kwargs=True))
+        self._handles.append(a.text_model.register_forward_hook(self._text_post, with_kwargs=True))
+        if self.stages:
+            first = min(min(self.score_at), self.stages[0].layer)
+            for i in range(first, a.num_layers):
+                hook = self._make_layer_hook(i)
+                self._handles.append(a.layers[i].register_forward_pre_hook(hook, with_kwargs=True))
+            self._patch_generate()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if self._patched_generate:
+            del self.adapter.model.generate
+            self._patched_generate = False
+        self._call = None
+        self._visual = None
+
+    def _patch_generate(self) -> None:
+        # generate() without a KV cache re-runs the whole sequence each step; ranking must keep using
+        # the last *prompt* token so that cached and uncached generation keep the same tokens.
+        model = self.adapter.model
+        engine = self
+        cls_generate = type(model).generate
+
+        def generate(self_model, *args, **kwargs):
+            inputs = kwargs.get("input_ids", args[0] if args else None)
+            if inputs is None:
+                inputs = kwargs.get("inputs_embeds")
+            engine.prompt_len = inputs.shape[1] if inputs is not None else None
+            try:
+                return cls_generate(self_model, *args, **kwargs)
+            finally:
+                engine.prompt_len = None
+
+        model.generate = types.MethodType(generate, model)
+        self._patched_generate = True
+
+    # --- hooks on the VLM and the decoder stack ----------------------------------------------------------
+    def _vlm_pre(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        self._visual = None if input_ids is None and embeds is None else self.adapter.visual_mask(input_ids, embeds)
+
+    def _text_pre(self, module, args, kwargs):
+        self._call = None
+        embeds = kwargs.get("inputs_embeds")
+        ref = embeds if embeds is not None else kwargs.get("input_ids", args[0] if args else None)
+        b, n = ref.shape[:2]
+        device = ref.device
+        past = kwargs.get("past_key_values")
+        past_len = past.get_seq_length() if past is not None else 0
+        mask2d = kwargs.get("attention_mask")
+        if isinstance(mask2d, torch.Tensor) and mask2d.dim() == 2:
+            valid = mask2d[:, -n:].bool()
+        else:
+            valid = torch.ones(b, n, dtype=torch.bool, device=device)
+        visual = self._visual
+        self._visual = None
+        if visual is None or visual.shape != (b, n):
+            visual = torch.zeros(b, n, dtype=torch.bool, device=device)
+        visual = visual.to(device) & valid
+
+        if past_len == 0:
+            self.trace.reset()
+            orig = torch.arange(n, device=device).expand(b, n)
+            self.trace.stages.append(StageRecord(0, orig, valid, visual))
+            if self.stages and bool(visual.any()):
+                prompt_len = min(self.prompt_len or n, n)
+                self._call = _Call(
+                    mode="prefill",
+                    n_input=n,
+                    valid=valid,
+                    visual=visual,
+                    prompt_len=prompt_len,
+                    visual_counts=visual.sum(-1).tolist(),
+                )
+            return None
+
+        entry = self._maps.get(past) if past is not None else None
+        if entry is None:
+            return None
+        n_cached, n_prompt, kvmaps = entry
+        if past_len != n_cached:
+            kvmaps = self._crop_maps(kvmaps, n_cached, n_prompt, past_len)
+        self._call = _Call(
+            mode="extend",
+            n_input=n,
+            valid=valid,
+            kvmaps=kvmaps,
+            past_len=past_len,
+            new_orig=(past_len + torch.arange(n, device=device)).expand(b, n),
+            cache=past,
+            n_prompt=n_prompt,
+        )
+        return None
+
+    def _text_post(self, module, args, kwargs, output):
+        call, self._call = self._call, None
+        if call is None:
+            return None
+        if call.mode == "prefill":
+            if call.cache is not None and call.reduced:
+                kvmaps = [KVMap(s.orig, s.valid, s.shift) for s in call.stage_states]
+                if call.cache.get_seq_length() == call.n_input:
+                    self._maps[call.cache] = (call.n_input, call.n_input, kvmaps)
+        elif call.cache.get_seq_length() == call.past_len + call.n_input:
+            kvmaps = [
+                KVMap(torch.cat([m.orig, call.new_orig], -1), torch.cat([m.valid, call.valid], -1), m.shift)
+                for m in call.kvmaps
+            ]
+            self._maps[call.cache] = (call.past_len + call.n_input, call.n_prompt, kvmaps)
+        return None
+
+    @staticmethod
+    def _crop_maps(kvmaps: list[KVMap], n_cached: int, n_prompt: int, past_len: int) -> list[KVMap]:
+        """The cache was cropped (e.g. rejected draft tokens): drop the same trailing entries."""
+        if past_len > n_cached:
+            raise LeanVLMError(
+                f"the KV cache holds {past_len} tokens but only {n_cached} went in through leanvlm's hooks; "
+                "a cache filled by a reduced prefill must only grow through the same model"
+            )
+        if past_len < n_prompt:
+            raise LeanVLMError(
+                f"the KV cache was cropped to {past_len} tokens, into the reduced {n_prompt}-token prompt; "
+                "run the prefill again"
+            )
+        cut = n_cached - past_len  # generated tokens are never dropped: they are the last entries
+        return [KVMap(m.orig[:, : m.orig.shape[1] - cut], m.valid[:, : m.valid.shape[1] - cut], m.shift) for m in kvmaps]
+
+    # --- decoder layers --------------------------------------------------------------------------------
+    def _make_layer_hook(self, layer_idx: int):
+        def hook(module, args, kwargs):
+            call = self._call
+            if call is None:
+                return None
+            if call.mode == "prefill":
+                return self._prefill_layer(layer_idx, call, args, kwargs)
+            return self._extend_layer(layer_idx, call, args, kwargs)
+
+        return hook
+
+    @staticmethod
+    def _set_hidden(args, kwargs, hidden):
+        if args:
+            return (hidden, *args[1:]), kwargs
+        kwargs["hidden_states"] = hidden
+        return args, kwargs
+
+    def _prefill_layer(self, layer_idx, call: _Call, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if call.state is None:
+            b, n = hidden.shape[:2]
+            cos, sin = kwargs["position_embeddings"]
+            call.cache = kwargs.get("past_key_values")
+            call.state = TokenState(
+                orig=torch.arange(n, device=hidden.device).expand(b, n),
+                valid=call.valid,
+                visual=call.visual,
+                pos=expand_positions(kwargs.get("position_ids"), b, n, hidden.device),
+                cos=cos.expand(b, -1, -1),
+                sin=sin.expand(b, -1, -1),
+                shift=torch.zeros(b, dtype=torch.long, device=hidden.device),
+            )
+        for si in self.score_at.get(layer_idx, ()):
+            call.scores[si] = self._score(layer_idx, hidden, call.state, call.prompt_len)
+        if layer_idx in self.drop_at:
+            si = self.drop_at[layer_idx]
+            hidden, call.state = self._drop(si, hidden, call)
+            call.stage_states.append(call.state)
+            s = call.state
+            self.trace.stages.append(StageRecord(layer_idx, s.orig, s.valid, s.visual))
+        if not call.reduced:
+            return None
+        s = call.state
+        kwargs["attention_mask"] = self._prefill_mask(kwargs.get("attention_mask"), s, call)
+        kwargs["position_embeddings"] = (s.cos, s.sin)
+        kwargs["position_ids"] = s.pos
+        return self._set_hidden(args, kwargs, hidden)
+
+    def _score(self, layer_idx: int, hidden: torch.Tensor, s: TokenState, prompt_len: int) -> torch.Tensor:
+        """[B, n] attention each slot receives from the query rows (last prompt token or prompt text)."""
+        n = s.orig.shape[1]
+        slots = torch.arange(n, device=hidden.device).expand_as(s.orig)
+        in_prompt = s.valid & (s.orig < prompt_len)
+        if self.query == "last":
+            query_slots = torch.where(in_prompt, slots, -1).max(-1).values[:, None]  # [B, 1]
+            weight = torch.ones_like(query_slots, dtype=torch.bool)
+        else:
+            query_slots, weight = compact_indices(in_prompt & ~s.visual)  # [B, Q]
+        with torch.no_grad():
+            q, k, scaling = self.adapter.query_key(layer_idx, hidden.detach(), s.cos, s.sin, query_slots)
+            visible = build_bool_mask(s.orig.gather(1, query_slots), s.orig, s.valid)[:, 0]  # [B, Q, n]
+            probs = attention_to_keys(q, k, visible, scaling)
+            return mean_query_scores(probs, weight)
+
+    def _drop(self, stage_idx: int, hidden: torch.Tensor, call: _Call):
+        stage = self.stages[stage_idx]
+        s = call.state
+        scores = call.scores.pop(stage_idx)
+        candidates = s.visual & s.valid
+        wanted = torch.tensor([stage.keep(n) for n in call.visual_counts], device=hidden.device)
+        keep = topk_keep(scores, candidates, torch.minimum(wanted, candidates.sum(-1)))
+        if bool(keep.all()):
+            return hidden, s
+        index, present = compact_indices(keep)  # [B, m]
+        dropped = candidates & ~keep
+        hidden = gather_rows(hidden, index)
+        pos = gather_positions(s.pos, index)
+        if self.positions == "compact":
+            pos = pos - gather_positions(dropped.long().cumsum(-1), index)
+            pos = pos.masked_fill(~present, 0)
+            cos, sin = self.adapter.rotary(hidden, pos)
+        else:
+            cos, sin = gather_rows(s.cos, index), gather_rows(s.sin, index)
+        call.reduced = True
+        new = TokenState(
+            orig=s.orig.gather(1, index),
+            valid=s.valid.gather(1, index) & present,
+            visual=s.visual.gather(1, index) & present,
+            pos=pos,
+            cos=cos,
+            sin=sin,
+            shift=s.shift + dropped.sum(-1),
+        )
+        return hidden, new
+
+    def _prefill_mask(self, mask, s: TokenState, call: _Call):
+        key = (id(s), id(mask))
+        if key not in call.masks:
+            if mask is None:
+                if bool(s.valid.all()):
+                    out = None  # causal over the kept tokens, in order: the kernel's is_causal is right
+                else:
+                    out = self._fresh_mask(build_bool_mask(s.orig, s.orig, s.valid), s.cos.dtype)
+            elif mask.dim() == 2:
+                out = mask_keys(gather_mask(mask, None, s.orig), s.valid)
+            else:
+                out = mask_keys(gather_mask(mask, s.orig, s.orig), s.valid)
+            call.masks[key] = out
+        return call.masks[key]
+
+    def _fresh_mask(self, bool_mask: torch.Tensor, dtype: torch.dtype):
+        return to_layer_format(bool_mask, self.adapter.attn_implementation, dtype)
+
+    def _extend_layer(self, layer_idx, call: _Call, args, kwargs):
+        stage = self.stage_of_layer[layer_idx]
+        if stage == 0:
+            return None
+        m = call.kvmaps[stage - 1]
+        mask = kwargs.get("attention_mask")
+        key = (stage, id(mask))
+        if key not in call.masks:
+            k_orig = torch.cat([m.orig, call.new_orig], -1)
+            k_valid = torch.cat([m.valid, call.valid], -1)
+            if mask is None:
+                if call.n_input == 1 and bool(k_valid.all()):
+                    out = None
+                else:
+                    cos = kwargs["position_embeddings"][0]
+                    out = self._fresh_mask(build_bool_mask(call.new_orig, k_orig, k_valid), cos.dtype)
+            else:
+                out = mask_keys(gather_mask(mask, None, k_orig), k_valid)
+            call.masks[key] = out
+        kwargs["attention_mask"] = call.masks[key]
+        if self.positions == "compact":
+            if stage not in call.rope:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                b, n = hidden.shape[:2]
+                pos = expand_positions(kwargs.get("position_ids"), b, n, hidden.device) - m.shift[:, None]
+                call.rope[stage] = (pos, self.adapter.rotary(hidden, pos))
+            pos, rope = call.rope[stage]
+            kwargs["position_ids"] = pos
+            kwargs["position_embeddings"] = rope
+        return args, kwargs

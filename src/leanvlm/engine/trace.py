@@ -1,0 +1,56 @@
+"""What each decoder layer really processed in the last prefill. FLOPs and reports read this."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class StageRecord:
+    """The token set from ``layer`` on: per sample, original indices of the real tokens and which are visual."""
+
+    layer: int
+    orig: torch.Tensor  # [B, n] original index of each slot
+    valid: torch.Tensor  # [B, n] real token (not padding)
+    visual: torch.Tensor  # [B, n] visual token (and valid)
+
+
+@dataclass
+class Trace:
+    num_layers: int
+    stages: list[StageRecord] = field(default_factory=list)
+    prefills: int = 0
+
+    def reset(self) -> None:
+        self.stages = []
+        self.prefills += 1
+
+    def _per_layer(self, counts: list[torch.Tensor]) -> list[list[int]]:
+        if not self.stages:
+            return []
+        starts = [s.layer for s in self.stages] + [self.num_layers]
+        per_stage = torch.stack(counts, dim=1).tolist()  # [B, S]
+        return [
+            [row[s] for s in range(len(self.stages)) for _ in range(starts[s + 1] - starts[s])] for row in per_stage
+        ]
+
+    @property
+    def tokens_per_layer(self) -> list[list[int]]:
+        """Per sample: the number of (non-padding) tokens each decoder layer processed."""
+        return self._per_layer([s.valid.sum(-1) for s in self.stages])
+
+    @property
+    def visual_per_layer(self) -> list[list[int]]:
+        """Per sample: the number of visual tokens each decoder layer processed."""
+        return self._per_layer([s.visual.sum(-1) for s in self.stages])
+
+    @property
+    def kept_visual(self) -> list[list[torch.Tensor]]:
+        """Per stage, per sample: original sequence indices of the visual tokens present from that stage on."""
+        return [[s.orig[b][s.visual[b]] for b in range(s.orig.shape[0])] for s in self.stages]
+
+    @property
+    def batch_size(self) -> int:
+        return self.stages[0].orig.shape[0] if self.stages else 0

@@ -1,0 +1,73 @@
+"""The contract every method config follows."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..errors import ConfigError
+
+POSITIONS = ("original", "compact")
+QUERIES = ("last", "text")
+
+
+@dataclass(frozen=True)
+class DropStage:
+    """One rank-and-drop step inside the LLM.
+
+    ``layer``: the first decoder layer that sees the reduced set (layers before it see every token).
+    ``score_layer``: the layer whose attention, computed on its own input, ranks the visual tokens.
+    ``keep``: number of visual tokens to keep given the sample's original visual-token count.
+    """
+
+    layer: int
+    score_layer: int
+    keep: Callable[[int], int]
+
+
+class Method:
+    """Base of every method config (frozen dataclasses).
+
+    Flags read by callers (never ``isinstance``):
+      stage: "llm" (acts inside the language model), "vision" or "decode".
+      needs_scores: ranks tokens by attention.
+      changes_length: later layers see a shorter sequence.
+      trainable: adds parameters that must be trained.
+    """
+
+    name: ClassVar[str]
+    stage: ClassVar[str] = "llm"
+    needs_scores: ClassVar[bool] = False
+    changes_length: ClassVar[bool] = True
+    trainable: ClassVar[bool] = False
+
+    positions: str
+    query: str
+
+    def _check_choice(self, field: str, value, allowed):
+        if value not in allowed:
+            raise ConfigError(f"{type(self).__name__}: {field}={value!r} is not one of {', '.join(map(repr, allowed))}")
+
+    def check_model(self, num_layers: int) -> None:
+        """Checks that need the model (raise ConfigError); run by ``apply`` before anything is installed."""
+
+    def drop_stages(self, num_layers: int) -> list[DropStage]:
+        raise NotImplementedError
+
+    @property
+    def is_noop(self) -> bool:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
+        return f"{type(self).__name__}({fields})"
+
+
+def check_layer(owner: str, name: str, value: int, num_layers: int) -> None:
+    """A reduction layer must leave at least one layer before it and one after."""
+    if not 1 <= value <= num_layers - 1:
+        raise ConfigError(
+            f"{owner}: {name}={value!r} is outside [1, {num_layers - 1}] for this model ({num_layers} decoder layers)"
+        )

@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ConfigError, check_range
+from ..registry import register_method
+from .base import POSITIONS, QUERIES, DropStage, Method, check_layer
+
+
+@register_method("fastv")
+@dataclass(frozen=True)
+class FastV(Method):
+    """FastV: drop the least-attended visual tokens once, after an early layer.
+
+    Layers ``0 .. layer-1`` see every token. The attention that layer ``layer-1`` pays from the last
+    prompt token (or, with ``query="text"``, the mean over the prompt's text tokens) to each visual
+    token ranks them; from layer ``layer`` on only the top ``keep_ratio`` (or ``keep_tokens``) survive,
+    in their original order. Text tokens are never dropped.
+
+    Paper: "An Image is Worth 1/2 Tokens After Layer 2" (Chen et al., ECCV 2024, arXiv 2403.06764).
+    Reference code: https://github.com/pkunlp-icler/FastV
+
+    Args:
+        layer: K, the first layer that sees the reduced set; in [1, num_layers - 1]. Default 2.
+        keep_ratio: fraction of each sample's visual tokens kept, in (0, 1]; ``int(N * keep_ratio)``
+            tokens. Default 0.5. No-op: 1.0.
+        keep_tokens: keep exactly this many visual tokens per sample (>= 0) instead of a ratio.
+        query: "last" (the reference code) or "text" (the mean over text tokens, as the paper states).
+        positions: "original" (default, as the reference: kept tokens keep their RoPE positions) or
+            "compact" (re-numbered 0..n-1 after the drop).
+
+    Differences from the reference:
+        - The ranking attention is recomputed from layer K-1's own norm, q/k projections and RoPE for
+          the query rows only, so any attention kernel (sdpa, flash) works; the reference needs eager.
+        - Visual tokens are located from the image placeholder ids per sample (the reference hard-codes a
+          system-prompt length of 35/36 and 576 visual tokens), so batches, padding, several images and
+          text-only prompts work. Keep counts are per sample.
+        - With a KV cache the drop happens once, in the prefill (the reference's HF/lmms-eval paths);
+          without a cache, generation keeps ranking with the last *prompt* token so both give the same
+          tokens (the original no-cache fork re-ranks with each newest token).
+    """
+
+    layer: int = 2
+    keep_ratio: float = 0.5
+    keep_tokens: int | None = None
+    query: str = "last"
+    positions: str = "original"
+
+    needs_scores = True
+
+    def __post_init__(self):
+        if not isinstance(self.layer, int) or isinstance(self.layer, bool):
+            raise ConfigError(f"FastV: layer={self.layer!r} must be an int >= 1")
+        if self.layer < 1:
+            raise ConfigError(f"FastV: layer={self.layer!r} is outside [1, num_layers - 1]")
+        check_range("FastV", "keep_ratio", self.keep_ratio, 0, 1, low_open=True)
+        if self.keep_tokens is not None and (not isinstance(self.keep_tokens, int) or self.keep_tokens < 0):
+            raise ConfigError(f"FastV: keep_tokens={self.keep_tokens!r} must be an int >= 0 (or None)")
+        self._check_choice("query", self.query, QUERIES)
+        self._check_choice("positions", self.positions, POSITIONS)
+
+    def check_model(self, num_layers: int) -> None:
+        check_layer("FastV", "layer", self.layer, num_layers)
+
+    def keep_count(self, n_visual: int) -> int:
+        if self.keep_tokens is not None:
+            return min(self.keep_tokens, n_visual)
+        return int(n_visual * self.keep_ratio)
+
+    def drop_stages(self, num_layers: int) -> list[DropStage]:
+        return [DropStage(layer=self.layer, score_layer=self.layer - 1, keep=self.keep_count)]
+
+    @property
+    def is_noop(self) -> bool:
+        return self.keep_tokens is None and self.keep_ratio == 1.0

@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ConfigError, check_range
+from ..registry import register_method
+from .base import POSITIONS, QUERIES, DropStage, Method, check_layer
+
+
+@register_method("pyramiddrop")
+@dataclass(frozen=True)
+class PyramidDrop(Method):
+    """PyramidDrop: drop a growing share of visual tokens at several layers (a pyramid of stages).
+
+    At each layer in ``layers`` the visual tokens still present are ranked by the attention of the
+    last instruction token, computed with that layer's own input norm, q/k projections and RoPE, and
+    only ``keep_ratios[i]`` of the sample's *original* visual count survive (in original order).
+    With the defaults on a 32-layer model: layers 0-7 see 576 visual tokens, 8-15 see 288, 16-23
+    see 144, 24-31 see 72.
+
+    Paper: "PyramidDrop: Accelerating Your Large Vision-Language Models via Pyramid Visual Redundancy
+    Reduction" (Xing et al., CVPR 2025, arXiv 2410.17247). Reference code:
+    https://github.com/Cooperx521/PyramidDrop
+
+    Args:
+        layers: strictly increasing layer indices, each in [1, num_layers - 1]. Default (8, 16, 24).
+        keep_ratios: fraction of the original visual tokens kept from each layer on, each in (0, 1] and
+            non-increasing; ``int(N * ratio)`` tokens. Default (0.5, 0.25, 0.125). No-op: all 1.0.
+        query: "last" (default; the last prompt token, as the reference at inference) or "text".
+        positions: "compact" (default, as the reference: positions re-numbered 0..n-1 after each drop,
+            decode positions shifted by what each stage dropped) or "original".
+
+    Differences from the reference:
+        - Works with left-padded batches at inference and with any number of images per prompt
+          (the reference asserts batch size 1 at inference and handles one image per sample).
+        - The scoring matmul expands keys for grouped-query attention (the reference assumes
+          ``num_key_value_heads == num_heads``).
+    """
+
+    layers: tuple[int, ...] = (8, 16, 24)
+    keep_ratios: tuple[float, ...] = (0.5, 0.25, 0.125)
+    query: str = "last"
+    positions: str = "compact"
+
+    needs_scores = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "keep_ratios", tuple(self.keep_ratios))
+        if not self.layers:
+            raise ConfigError("PyramidDrop: layers=() must name at least one layer")
+        if len(self.layers) != len(self.keep_ratios):
+            raise ConfigError(
+                f"PyramidDrop: layers={self.layers} and keep_ratios={self.keep_ratios} must have the same length"
+            )
+        for layer in self.layers:
+            if not isinstance(layer, int) or isinstance(layer, bool) or layer < 1:
+                raise ConfigError(f"PyramidDrop: layers={self.layers} has {layer!r}; each must be an int >= 1")
+        for a, b in zip(self.layers, self.layers[1:]):
+            if b <= a:
+                raise ConfigError(f"PyramidDrop: layers={self.layers} must be strictly increasing ({a} then {b})")
+        for r in self.keep_ratios:
+            check_range("PyramidDrop", "keep_ratios", r, 0, 1, low_open=True)
+        for a, b in zip(self.keep_ratios, self.keep_ratios[1:]):
+            if b > a:
+                raise ConfigError(
+                    f"PyramidDrop: keep_ratios={self.keep_ratios} must be non-increasing ({a} then {b})"
+                )
+        self._check_choice("query", self.query, QUERIES)
+        self._check_choice("positions", self.positions, POSITIONS)
+
+    def check_model(self, num_layers: int) -> None:
+        for layer in self.layers:
+            check_layer("PyramidDrop", "layers", layer, num_layers)
+
+    def drop_stages(self, num_layers: int) -> list[DropStage]:
+        return [
+            DropStage(layer=layer, score_layer=layer, keep=lambda n, r=ratio: int(n * r))
+            for layer, ratio in zip(self.layers, self.keep_ratios)
+        ]
+
+    @property
+    def is_noop(self) -> bool:
+        return all(r == 1.0 for r in self.keep_ratios)

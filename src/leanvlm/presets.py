@@ -1,0 +1,199 @@
+"""Models built from configs (random weights, no download) and their processors.
+
+Used by the demo, the bench and the tests. Real checkpoints are loaded with :func:`load_pretrained`.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+
+_CORPUS = [
+    "USER: What is shown in this image? ASSISTANT: A cat sitting on a red chair next to a window.",
+    "Describe the picture in detail. There is a dog, a ball, two trees and a blue sky with clouds.",
+    "How many people are in the photo? Three people are standing near the river at sunset.",
+    "What color is the car? The car is white and parked in front of a small yellow house.",
+    "Read the text on the sign. The sign says open from nine to five every day of the week.",
+    "the quick brown fox jumps over the lazy dog 0 1 2 3 4 5 6 7 8 9 , . ? ! : ; ' \" ( )",
+]
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %} "
+    "{% else %}ASSISTANT: {% for item in message['content'] %}{{ item['text'] }}{% endfor %}</s>"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def build_tokenizer(vocab_size: int = 512):
+    """A small byte-level BPE tokenizer trained on a few sentences (milliseconds, offline)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS, trainer=trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        padding_side="left",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+
+
+def llava_config(
+    *,
+    vocab_size: int,
+    image_token_id: int,
+    num_layers: int = 4,
+    hidden: int = 64,
+    intermediate: int = 128,
+    heads: int = 4,
+    kv_heads: int = 2,
+    vision_hidden: int = 32,
+    vision_layers: int = 2,
+    vision_heads: int = 4,
+    image_size: int = 56,
+    patch_size: int = 14,
+    max_position_embeddings: int = 4096,
+    pad_token_id: int | None = None,
+):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(
+        hidden_size=vision_hidden,
+        intermediate_size=vision_hidden * 4,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=vision_heads,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=vision_hidden,
+    )
+    text = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        pad_token_id=pad_token_id,
+    )
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=image_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+
+
+def llava_processor(tokenizer, image_size: int = 56, patch_size: int = 14):
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        image_processor = CLIPImageProcessor(
+            size={"shortest_edge": image_size},
+            crop_size={"height": image_size, "width": image_size},
+        )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def tiny_llava(
+    *,
+    num_layers: int = 4,
+    hidden: int = 64,
+    intermediate: int = 128,
+    heads: int = 4,
+    kv_heads: int = 2,
+    image_size: int = 56,
+    patch_size: int = 14,
+    vision_hidden: int = 32,
+    vision_layers: int = 2,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+):
+    """A LLaVA model of the given shape with random weights, and a working processor.
+
+    The default is tiny (16 visual tokens per image); ``image_size=336`` gives LLaVA-1.5's 576.
+    """
+    from transformers import LlavaForConditionalGeneration
+
+    tokenizer = build_tokenizer()
+    cfg = llava_config(
+        vocab_size=len(tokenizer),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        num_layers=num_layers,
+        hidden=hidden,
+        intermediate=intermediate,
+        heads=heads,
+        kv_heads=kv_heads,
+        vision_hidden=vision_hidden,
+        vision_layers=vision_layers,
+        image_size=image_size,
+        patch_size=patch_size,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration(cfg).to(dtype)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    set_attention(model, attn_implementation)
+    model.eval()
+    return model, llava_processor(tokenizer, image_size=image_size, patch_size=patch_size)
+
+
+def set_attention(model, impl: str) -> None:
+    """Set the LLM's attention kernel; the vision tower keeps sdpa (it has no KV cache or drops)."""
+    model.set_attn_implementation({"": impl, "text_config": impl, "vision_config": "sdpa"})
+
+
+def load_pretrained(path_or_id: str, *, dtype=None, device: str = "cpu", attn_implementation: str = "sdpa"):
+    """Load a real checkpoint (local folder or hub id) with its processor."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(
+        path_or_id, dtype=dtype or "auto", device_map=device, attn_implementation=attn_implementation
+    )
+    model.eval()
+    return model, AutoProcessor.from_pretrained(path_or_id)
+
+
+def demo_image(size: int = 56, seed: int = 0):
+    """A synthetic RGB image (smooth gradients plus a few blocks), so demos need no files."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / max(size - 1, 1)
+    img = np.stack([x, y, 1 - x * y], -1)
+    for _ in range(4):
+        r0, c0 = rng.integers(0, size * 3 // 4, 2)
+        img[r0 : r0 + size // 4, c0 : c0 + size // 4] = rng.random(3)
+    return Image.fromarray((img * 255).astype("uint8"))
