@@ -1,0 +1,252 @@
+"""The DESIGN.md invariants (1-6 and 8) for every in-LLM method on every adapter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models import ADAPTERS, PROMPTS, build, make_inputs
+
+import leanvlm as lv
+
+NUM_LAYERS = 5
+GEN = dict(max_new_tokens=6, do_sample=False)
+
+METHODS = {
+    "fastv": lv.FastV(layer=2, keep_ratio=0.5),
+    "fastv-text-compact": lv.FastV(layer=1, keep_tokens=5, query="text", positions="compact"),
+    "pdrop": lv.PyramidDrop(layers=(1, 2, 3), keep_ratios=(0.5, 0.25, 0.125)),
+    "pdrop-original-text": lv.PyramidDrop(layers=(2, 4), keep_ratios=(0.75, 0.25), positions="original", query="text"),
+}
+NOOPS = {
+    "fastv": lv.FastV(layer=2, keep_ratio=1.0),
+    "pdrop": lv.PyramidDrop(layers=(1, 2, 3), keep_ratios=(1.0, 1.0, 1.0)),
+}
+
+matrix = pytest.mark.parametrize("adapter", ADAPTERS)
+methods = pytest.mark.parametrize("method", list(METHODS.values()), ids=list(METHODS))
+
+
+def last_logits(model, inputs, **kw):
+    with torch.no_grad():
+        return model(**inputs, **kw).logits[:, -1].float()
+
+
+def hooks_on(model) -> int:
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+# 1. no-op setting == unmodified model ----------------------------------------------------------------
+@matrix
+@pytest.mark.parametrize("noop", list(NOOPS.values()), ids=list(NOOPS))
+def test_noop_equals_baseline(adapter, noop):
+    model, proc = build(adapter, num_layers=NUM_LAYERS)
+    inputs = make_inputs(proc, PROMPTS[:2])
+    with torch.no_grad():
+        base_logits = model(**inputs).logits
+    base_tokens = model.generate(**inputs, **GEN)
+    with lv.apply(model, noop) as applied:
+        with torch.no_grad():
+            logits = model(**inputs).logits
+        tokens = model.generate(**inputs, **GEN)
+        visual = applied.trace.visual_per_layer
+    assert torch.equal(logits, base_logits)
+    assert torch.equal(tokens, base_tokens)
+    assert visual[0] == [16] * NUM_LAYERS
+
+
+# 2. apply then remove leaves the model exactly as it was ---------------------------------------------
+@matrix
+@methods
+def test_apply_remove_restores(adapter, method):
+    model, proc = build(adapter, num_layers=NUM_LAYERS)
+    inputs = make_inputs(proc, PROMPTS[:1])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    hooks = hooks_on(model)
+    base = last_logits(model, inputs)
+    applied = lv.apply(model, method)
+    assert hooks_on(model) > hooks
+    changed = last_logits(model, inputs)
+    assert not torch.allclose(changed, base)  # the method did something
+    applied.remove()
+    assert hooks_on(model) == hooks
+    assert "generate" not in vars(model)
+    assert not lv.remove(model)  # nothing left to remove
+    after = model.state_dict()
+    assert state.keys() == after.keys() and all(torch.equal(state[k], after[k]) for k in state)
+    assert torch.equal(last_logits(model, inputs), base)
+
+
+# 3. generate with KV cache == recomputing from scratch ------------------------------------------------
+@matrix
+@methods
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_cache_equals_no_cache(adapter, method, attn):
+    model, proc = build(adapter, attn, num_layers=NUM_LAYERS)
+    inputs = make_inputs(proc, PROMPTS[:2])
+    gen = dict(GEN, return_dict_in_generate=True, output_logits=True)
+    with lv.apply(model, method):
+        cached = model.generate(**inputs, **gen, use_cache=True)
+        uncached = model.generate(**inputs, **gen, use_cache=False)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    # Every decode step's logits (reading the reduced cache) equal a full recomputation.
+    for step_cached, step_uncached in zip(cached.logits, uncached.logits, strict=True):
+        torch.testing.assert_close(step_cached, step_uncached, atol=2e-5, rtol=1e-4)
+
+
+# 4. a left-padded batch == each prompt alone ----------------------------------------------------------
+@matrix
+@methods
+def test_padded_batch_equals_single(adapter, method):
+    model, proc = build(adapter, num_layers=NUM_LAYERS)
+    batch = make_inputs(proc, PROMPTS)
+    width = batch["input_ids"].shape[1]
+    with lv.apply(model, method) as applied:
+        batch_tokens = model.generate(**batch, **GEN)
+        batch_logits = last_logits(model, batch)
+        batch_visual = applied.trace.visual_per_layer
+        batch_tokens_pl = applied.trace.tokens_per_layer
+        batch_kept = applied.trace.kept_visual
+        for b, item in enumerate(PROMPTS):
+            single = make_inputs(proc, [item])
+            pad = width - single["input_ids"].shape[1]
+            tokens = model.generate(**single, **GEN)
+            assert torch.equal(batch_tokens[b, width:], tokens[0, tokens.shape[1] - GEN["max_new_tokens"] :])
+            torch.testing.assert_close(batch_logits[b], last_logits(model, single)[0], atol=2e-5, rtol=1e-4)
+            assert applied.trace.visual_per_layer[0] == batch_visual[b]
+            assert applied.trace.tokens_per_layer[0] == batch_tokens_pl[b]
+            for stage_b, stage_1 in zip(batch_kept, applied.trace.kept_visual):
+                assert torch.equal(stage_b[b] - pad, stage_1[0])
+    assert batch_visual[2] == [0] * NUM_LAYERS  # the text-only prompt passes through
+
+
+# 5. eager == sdpa --------------------------------------------------------------------------------------
+@matrix
+@methods
+def test_eager_equals_sdpa(adapter, method):
+    results = []
+    for attn in ("eager", "sdpa"):
+        model, proc = build(adapter, attn, num_layers=NUM_LAYERS)
+        inputs = make_inputs(proc, PROMPTS)
+        with lv.apply(model, method) as applied:
+            logits = last_logits(model, inputs)
+            kept = applied.trace.kept_visual
+        results.append((logits, kept))
+    (le, ke), (ls, ks) = results
+    for stage_e, stage_s in zip(ke, ks, strict=True):
+        for a, b in zip(stage_e, stage_s, strict=True):
+            assert torch.equal(a, b)
+    torch.testing.assert_close(le, ls, atol=1e-4, rtol=1e-4)
+
+
+# 6. drop-by-gather == drop-by-masking oracle -----------------------------------------------------------
+def masking_oracle(model, inputs, trace, method):
+    """Run the unmodified model, hiding from each layer the keys its stage dropped (instead of removing
+    them), with compacted RoPE positions where the method uses them. Written independently of the engine."""
+    layers = model.model.language_model.layers
+    rotary = model.model.language_model.rotary_emb
+    n = inputs["input_ids"].shape[1]
+    b = inputs["input_ids"].shape[0]
+    stages = trace.stages
+    handles = []
+    for s_idx in range(1, len(stages)):
+        st = stages[s_idx]
+        present = torch.zeros(b, n, dtype=torch.bool)
+        for i in range(b):
+            present[i, st.orig[i][st.valid[i]]] = True
+        valid0 = inputs["attention_mask"].bool()
+        dropped_before = (valid0 & ~present).long().cumsum(-1)
+        start = st.layer
+        end = stages[s_idx + 1].layer if s_idx + 1 < len(stages) else len(layers)
+
+        def hook(module, args, kwargs, present=present, dropped_before=dropped_before):
+            mask = kwargs["attention_mask"]
+            kwargs["attention_mask"] = mask.masked_fill(~present[:, None, None, :], torch.finfo(mask.dtype).min)
+            if method.positions == "compact":
+                pos = kwargs["position_ids"].expand(b, n) - dropped_before
+                kwargs["position_embeddings"] = rotary(args[0], pos)
+            return args, kwargs
+
+        for layer in layers[start:end]:
+            handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        return last_logits(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@matrix
+@methods
+def test_gather_equals_masking_oracle(adapter, method):
+    model, proc = build(adapter, "eager", num_layers=NUM_LAYERS)
+    inputs = make_inputs(proc, PROMPTS)
+    with lv.apply(model, method) as applied:
+        gathered = last_logits(model, inputs)
+        trace = applied.trace
+    oracle = masking_oracle(model, inputs, trace, method)
+    torch.testing.assert_close(gathered, oracle, atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(gathered, last_logits(model, inputs), atol=1e-3)
+
+
+# 8. the trace's counts == what the schedule says ------------------------------------------------------
+@matrix
+@methods
+def test_trace_counts_follow_schedule(adapter, method):
+    model, proc = build(adapter, num_layers=NUM_LAYERS)
+    inputs = make_inputs(proc, PROMPTS)
+    with lv.apply(model, method) as applied:
+        last_logits(model, inputs)
+        trace = applied.trace
+    lengths = inputs["attention_mask"].sum(-1).tolist()
+    for b, (_, n_images) in enumerate(PROMPTS):
+        n_vis = 16 * n_images
+        expected = [n_vis] * NUM_LAYERS
+        for stage in method.drop_stages(NUM_LAYERS):
+            for layer in range(stage.layer, NUM_LAYERS):
+                expected[layer] = stage.keep(n_vis)
+        assert trace.visual_per_layer[b] == expected
+        assert trace.tokens_per_layer[b] == [lengths[b] - n_vis + v for v in expected]
+
+
+@pytest.mark.parametrize(
+    "method, expected",
+    [
+        (lv.PyramidDrop(), [576] * 8 + [288] * 8 + [144] * 8 + [72] * 8),
+        (lv.FastV(layer=2, keep_ratio=0.25), [576] * 2 + [144] * 30),
+        (lv.FastV(layer=3, keep_tokens=64), [576] * 3 + [64] * 29),
+    ],
+    ids=["pdrop-default", "fastv-25", "fastv-64"],
+)
+def test_trace_counts_llava15_shape(method, expected):
+    """LLaVA-1.5's 576 visual tokens on a 32-layer model, with the published schedules."""
+    model, proc = build("llava", num_layers=32, image_size=336)
+    inputs = make_inputs(proc, PROMPTS[:1], image_size=336)
+    with lv.apply(model, method) as applied:
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        visual = applied.trace.visual_per_layer[0]
+        tokens = applied.trace.tokens_per_layer[0]
+        cache_lengths = None
+        out = model(**inputs, use_cache=True)
+        cache_lengths = [layer.get_seq_length() for layer in out.past_key_values.layers]
+    n_text = inputs["input_ids"].shape[1] - 576
+    assert visual == expected
+    assert tokens == [n_text + v for v in expected]
+    assert cache_lengths == tokens  # every layer caches exactly what it processed
+
+
+# The kept tokens are the top-scored ones, checked against the attention eager attention returns -----
+@matrix
+@pytest.mark.parametrize("method", [lv.FastV(layer=2, keep_ratio=0.5), lv.PyramidDrop(layers=(3, 4), keep_ratios=(0.5, 0.25))], ids=["fastv", "pdrop"])
+def test_kept_tokens_are_top_attended(adapter, method):
+    model, proc = build(adapter, "eager", num_layers=NUM_LAYERS)
+    inputs = make_inputs(proc, PROMPTS[:1])
+    with torch.no_grad():
+        attentions = model(**inputs, output_attentions=True).attentions
+    first = method.drop_stages(NUM_LAYERS)[0]
+    visual_pos = (inputs["input_ids"][0] == model.config.image_token_id).nonzero()[:, 0]
+    received = attentions[first.score_layer][0, :, -1].mean(0)[visual_pos]  # last token's row, heads averaged
+    top = visual_pos[received.topk(first.keep(len(visual_pos))).indices].sort().values
+    with lv.apply(model, method) as applied:
+        last_logits(model, inputs)
+        kept = applied.trace.kept_visual[1][0]
+    assert torch.equal(kept, top)
