@@ -15,7 +15,7 @@ from leanvlm.presets import demo_image, tiny_llava
 ADAPTERS = ["llava"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _llava(attn: str, num_layers: int, image_size: int):
     # A larger init spread than the default 0.02 makes attention less uniform, so rankings are
     # decided by clear margins rather than by float noise.

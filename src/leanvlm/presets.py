@@ -197,3 +197,20 @@ def demo_image(size: int = 56, seed: int = 0):
         r0, c0 = rng.integers(0, size * 3 // 4, 2)
         img[r0 : r0 + size // 4, c0 : c0 + size // 4] = rng.random(3)
     return Image.fromarray((img * 255).astype("uint8"))
+
+
+def demo_llava(attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32, device="cpu"):
+    """The demo model: LLaVA-1.5's 576 visual tokens (336 px, patch 14) on a small 8-layer LLM."""
+    return tiny_llava(
+        num_layers=8,
+        hidden=256,
+        intermediate=688,
+        heads=8,
+        kv_heads=8,
+        image_size=336,
+        vision_hidden=64,
+        vision_layers=1,
+        attn_implementation=attn_implementation,
+        dtype=dtype,
+        device=device,
+    )

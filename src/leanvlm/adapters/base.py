@@ -65,7 +65,12 @@ class Adapter:
         raise NotImplementedError
 
     def query_key(
-        self, layer_idx: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, query_slots: torch.Tensor
+        self,
+        layer_idx: int,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        query_slots: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Queries of ``query_slots`` [B, Q] and keys of every token, as layer ``layer_idx`` computes them
         from its input ``hidden`` [B, N, D]: input norm, q/k projections (and q/k norms where the model has

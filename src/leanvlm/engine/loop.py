@@ -131,7 +131,9 @@ class Engine:
     def _vlm_pre(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
-        self._visual = None if input_ids is None and embeds is None else self.adapter.visual_mask(input_ids, embeds)
+        self._visual = (
+            None if input_ids is None and embeds is None else self.adapter.visual_mask(input_ids, embeds)
+        )
 
     def _text_pre(self, module, args, kwargs):
         self._call = None
@@ -217,7 +219,10 @@ class Engine:
                 "run the prefill again"
             )
         cut = n_cached - past_len  # generated tokens are never dropped: they are the last entries
-        return [KVMap(m.orig[:, : m.orig.shape[1] - cut], m.valid[:, : m.valid.shape[1] - cut], m.shift) for m in kvmaps]
+        return [
+            KVMap(m.orig[:, : m.orig.shape[1] - cut], m.valid[:, : m.valid.shape[1] - cut], m.shift)
+            for m in kvmaps
+        ]
 
     # --- decoder layers --------------------------------------------------------------------------------
     def _make_layer_hook(self, layer_idx: int):

@@ -33,7 +33,8 @@ class Trace:
         starts = [s.layer for s in self.stages] + [self.num_layers]
         per_stage = torch.stack(counts, dim=1).tolist()  # [B, S]
         return [
-            [row[s] for s in range(len(self.stages)) for _ in range(starts[s + 1] - starts[s])] for row in per_stage
+            [row[s] for s in range(len(self.stages)) for _ in range(starts[s + 1] - starts[s])]
+            for row in per_stage
         ]
 
     @property

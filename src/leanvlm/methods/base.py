@@ -48,7 +48,9 @@ class Method:
 
     def _check_choice(self, field: str, value, allowed):
         if value not in allowed:
-            raise ConfigError(f"{type(self).__name__}: {field}={value!r} is not one of {', '.join(map(repr, allowed))}")
+            raise ConfigError(
+                f"{type(self).__name__}: {field}={value!r} is not one of {', '.join(map(repr, allowed))}"
+            )
 
     def check_model(self, num_layers: int) -> None:
         """Checks that need the model (raise ConfigError); run by ``apply`` before anything is installed."""

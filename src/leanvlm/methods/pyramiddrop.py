@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 from ..errors import ConfigError, check_range
 from ..registry import register_method
@@ -55,13 +56,17 @@ class PyramidDrop(Method):
             )
         for layer in self.layers:
             if not isinstance(layer, int) or isinstance(layer, bool) or layer < 1:
-                raise ConfigError(f"PyramidDrop: layers={self.layers} has {layer!r}; each must be an int >= 1")
-        for a, b in zip(self.layers, self.layers[1:]):
+                raise ConfigError(
+                    f"PyramidDrop: layers={self.layers} has {layer!r}; each must be an int >= 1"
+                )
+        for a, b in pairwise(self.layers):
             if b <= a:
-                raise ConfigError(f"PyramidDrop: layers={self.layers} must be strictly increasing ({a} then {b})")
+                raise ConfigError(
+                    f"PyramidDrop: layers={self.layers} must be strictly increasing ({a} then {b})"
+                )
         for r in self.keep_ratios:
             check_range("PyramidDrop", "keep_ratios", r, 0, 1, low_open=True)
-        for a, b in zip(self.keep_ratios, self.keep_ratios[1:]):
+        for a, b in pairwise(self.keep_ratios):
             if b > a:
                 raise ConfigError(
                     f"PyramidDrop: keep_ratios={self.keep_ratios} must be non-increasing ({a} then {b})"
@@ -70,13 +75,13 @@ class PyramidDrop(Method):
         self._check_choice("positions", self.positions, POSITIONS)
 
     def check_model(self, num_layers: int) -> None:
-        for layer in self.layers:
-            check_layer("PyramidDrop", "layers", layer, num_layers)
+        for i, layer in enumerate(self.layers):
+            check_layer("PyramidDrop", f"layers[{i}]", layer, num_layers)
 
     def drop_stages(self, num_layers: int) -> list[DropStage]:
         return [
             DropStage(layer=layer, score_layer=layer, keep=lambda n, r=ratio: int(n * r))
-            for layer, ratio in zip(self.layers, self.keep_ratios)
+            for layer, ratio in zip(self.layers, self.keep_ratios, strict=True)
         ]
 
     @property

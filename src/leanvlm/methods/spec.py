@@ -1,0 +1,79 @@
+"""Parse method specs from text: ``"fastv:layer=2,keep_ratio=0.25"`` -> ``FastV(layer=2, keep_ratio=0.25)``.
+
+Shared by the CLI (and later by the eval plugin) so that text input gets the same validation and
+error messages as the Python API.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+
+from ..errors import ConfigError
+from ..registry import METHODS, get_method
+
+
+def split_top_level(text: str, sep: str = ",") -> list[str]:
+    """Split on ``sep`` outside brackets and quotes: ``"a=1,b=[1,2]"`` -> ``["a=1", "b=[1,2]"]``."""
+    parts, depth, quote, current = [], 0, None, []
+    for ch in text:
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == sep and depth == 0:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(ch)
+    parts.append("".join(current))
+    return [p.strip() for p in parts if p.strip()]
+
+
+def parse_value(raw: str):
+    """A Python literal where the text is one (``2``, ``0.5``, ``[8,16]``, ``None``), else the string."""
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
+
+
+def parse_kwargs(text: str) -> dict:
+    out = {}
+    for item in split_top_level(text):
+        if "=" not in item:
+            raise ConfigError(f"method argument {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        out[key.strip()] = parse_value(raw.strip())
+    return out
+
+
+def build_method(name: str, kwargs: dict | None = None):
+    """Instantiate the registered method ``name`` with ``kwargs``; ``"none"`` gives None."""
+    if name.lower() in ("none", ""):
+        if kwargs:
+            raise ConfigError(f"method 'none' takes no arguments; got {', '.join(kwargs)}")
+        return None
+    cls = get_method(name)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(kwargs or {}) - fields)
+    if unknown:
+        raise ConfigError(
+            f"{cls.__name__}: unknown argument(s) {', '.join(unknown)}; allowed: {', '.join(sorted(fields))}"
+        )
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in (kwargs or {}).items()}
+    return cls(**kwargs)
+
+
+def parse_method(spec: str):
+    """``"name"`` or ``"name:key=value,key=value"`` -> a method config (None for ``"none"``)."""
+    name, _, args = spec.partition(":")
+    return build_method(name.strip(), parse_kwargs(args))
+
+
+def method_names() -> list[str]:
+    return ["none", *sorted(METHODS)]
