@@ -17,12 +17,13 @@ transformers reads for positions and masks) stays in original coordinates.
 from __future__ import annotations
 
 import types
+import warnings
 import weakref
 from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import LeanVLMError
+from ..errors import LeanVLMError, UnsupportedModelError
 from ..ops import (
     attention_to_keys,
     build_bool_mask,
@@ -33,6 +34,7 @@ from ..ops import (
     topk_keep,
 )
 from ..ops.masks import mask_keys
+from .cache import check_cache
 from .state import KVMap, TokenState, expand_positions, gather_positions, gather_rows
 from .trace import StageRecord, Trace
 
@@ -88,6 +90,8 @@ class Engine:
     def install(self) -> None:
         a = self.adapter
         self._handles.append(a.vlm_model.register_forward_pre_hook(self._vlm_pre, with_kwargs=True))
+        if self.stages:
+            self._handles.append(a.model.register_forward_pre_hook(self._top_pre, with_kwargs=True))
         self._handles.append(a.text_model.register_forward_pre_hook(self._text_pre, with_kwargs=True))
         self._handles.append(a.text_model.register_forward_hook(self._text_post, with_kwargs=True))
         if self.stages:
@@ -131,9 +135,25 @@ class Engine:
     def _vlm_pre(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
-        self._visual = (
-            None if input_ids is None and embeds is None else self.adapter.visual_mask(input_ids, embeds)
-        )
+        if input_ids is None and embeds is None:
+            self._visual = None
+            return
+        self._visual = self.adapter.visual_mask(input_ids, embeds)
+        past = kwargs.get("past_key_values")
+        fresh = embeds is not None and embeds.shape[1] > 1 and (past is None or past.get_seq_length() == 0)
+        if input_ids is None and self.stages and fresh and not bool(self._visual.any()):
+            warnings.warn(
+                "leanvlm found no visual-token placeholders in inputs_embeds, so nothing is dropped; "
+                "pass input_ids (with pixel_values) to let the method locate the visual tokens",
+                stacklevel=2,
+            )
+
+    def _top_pre(self, module, args, kwargs):
+        if kwargs.get("labels") is not None:
+            raise UnsupportedModelError(
+                "labels were passed with a token-dropping method applied; the logits then cover only the "
+                "kept tokens. Compute the loss outside the model, or apply the method for inference only"
+            )
 
     def _text_pre(self, module, args, kwargs):
         self._call = None
@@ -249,6 +269,7 @@ class Engine:
             b, n = hidden.shape[:2]
             cos, sin = kwargs["position_embeddings"]
             call.cache = kwargs.get("past_key_values")
+            check_cache(call.cache)
             call.state = TokenState(
                 orig=torch.arange(n, device=hidden.device).expand(b, n),
                 valid=call.valid,

@@ -23,6 +23,10 @@ class Trace:
     stages: list[StageRecord] = field(default_factory=list)
     prefills: int = 0
 
+    def __repr__(self) -> str:
+        layers = [s.layer for s in self.stages]
+        return f"Trace(num_layers={self.num_layers}, batch={self.batch_size}, stages_at_layers={layers})"
+
     def reset(self) -> None:
         self.stages = []
         self.prefills += 1

@@ -1,0 +1,110 @@
+"""Engine behaviour beyond the invariant matrix: caches, cropping, beams, inputs it cannot use."""
+
+import pytest
+import torch
+from models import PROMPTS, build, make_inputs
+
+import leanvlm as lv
+
+METHOD = lv.PyramidDrop(layers=(1, 3), keep_ratios=(0.5, 0.25))
+
+
+def step(model, token, mask, cache):
+    with torch.no_grad():
+        return model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True).logits[
+            :, -1
+        ]
+
+
+def test_cropped_cache_continues_like_a_fresh_one():
+    """Rejecting draft tokens crops every layer's cache at its end; decoding must go on correctly."""
+    model, proc = build("llava", num_layers=5)
+    inputs = make_inputs(proc, PROMPTS[:2])
+    mask = inputs["attention_mask"]
+    a, b, c = (torch.full((2, 1), t) for t in (101, 102, 103))
+    ones = torch.ones(2, 1, dtype=mask.dtype)
+    with lv.apply(model, METHOD), torch.no_grad():
+        cache = model(**inputs, use_cache=True).past_key_values
+        lengths = [layer.get_seq_length() for layer in cache.layers]
+        step(model, a, torch.cat([mask, ones], -1), cache)
+        step(model, b, torch.cat([mask, ones, ones], -1), cache)
+        cache.crop(-1)  # drop b
+        after_crop = step(model, c, torch.cat([mask, ones, ones], -1), cache)
+        fresh = model(**inputs, use_cache=True).past_key_values
+        step(model, a, torch.cat([mask, ones], -1), fresh)
+        reference = step(model, c, torch.cat([mask, ones, ones], -1), fresh)
+        assert [layer.get_seq_length() for layer in cache.layers] == [n + 2 for n in lengths]
+        cache.crop(-4)  # into the prompt
+        with pytest.raises(lv.LeanVLMError, match="cropped to .* into the reduced"):
+            step(model, c, torch.cat([mask[:, :-2], ones], -1), cache)
+    torch.testing.assert_close(after_crop, reference, atol=1e-5, rtol=1e-4)
+
+
+def test_beam_search_runs_and_keeps_schedule():
+    model, proc = build("llava", num_layers=5)
+    inputs = make_inputs(proc, PROMPTS[:2])
+    with lv.apply(model, METHOD) as applied:
+        beams = model.generate(**inputs, max_new_tokens=4, num_beams=3, do_sample=False)
+        uncached = model.generate(**inputs, max_new_tokens=4, num_beams=3, do_sample=False, use_cache=False)
+        assert applied.trace.batch_size == 6  # 2 prompts x 3 beams
+        assert applied.trace.visual_per_layer == [[16, 8, 8, 4, 4]] * 6
+    assert torch.equal(beams, uncached)
+
+
+def test_static_cache_is_refused_with_a_clear_error():
+    model, proc = build("llava", num_layers=5)
+    inputs = make_inputs(proc, PROMPTS[:1])
+    with (
+        lv.apply(model, METHOD),
+        pytest.raises(lv.UnsupportedModelError, match="needs a DynamicCache .* got StaticCache"),
+    ):
+        model.generate(**inputs, max_new_tokens=2, cache_implementation="static")
+
+
+def test_labels_are_refused_while_tokens_are_dropped():
+    model, proc = build("llava", num_layers=5)
+    inputs = make_inputs(proc, PROMPTS[:1])
+    with lv.apply(model, METHOD), pytest.raises(lv.UnsupportedModelError, match="labels were passed"):
+        model(**inputs, labels=inputs["input_ids"])
+    with lv.apply(model, lv.FastV(keep_ratio=1.0)):  # a no-op drops nothing, so labels are fine
+        assert model(**inputs, labels=inputs["input_ids"]).loss is not None
+
+
+def test_inputs_embeds_without_placeholders_warns():
+    model, proc = build("llava", num_layers=5)
+    inputs = make_inputs(proc, PROMPTS[:1])
+    with torch.no_grad():
+        merged = model.model(**inputs).last_hidden_state  # any tensor of the right shape without placeholders
+    with lv.apply(model, METHOD), pytest.warns(UserWarning, match="no visual-token placeholders"):
+        model(inputs_embeds=torch.randn_like(merged), attention_mask=inputs["attention_mask"])
+
+
+def test_inputs_embeds_with_placeholders_are_reduced():
+    model, proc = build("llava", num_layers=5)
+    inputs = make_inputs(proc, PROMPTS[:1])
+    embeds = model.get_input_embeddings()(inputs["input_ids"])
+    with lv.apply(model, METHOD) as applied:
+        with torch.no_grad():
+            by_embeds = model(
+                inputs_embeds=embeds,
+                pixel_values=inputs["pixel_values"],
+                attention_mask=inputs["attention_mask"],
+            ).logits[:, -1]
+        visual = applied.trace.visual_per_layer[0]
+        with torch.no_grad():
+            by_ids = model(**inputs).logits[:, -1]
+    assert visual == [16, 8, 8, 4, 4]
+    torch.testing.assert_close(by_embeds, by_ids)
+
+
+def test_trace_resets_per_prefill_and_counts_only_real_tokens():
+    model, proc = build("llava", num_layers=5)
+    batch = make_inputs(proc, PROMPTS[:2])
+    with lv.apply(model, METHOD) as applied:
+        model(**batch)
+        first = applied.trace.tokens_per_layer
+        model(**make_inputs(proc, PROMPTS[1:2]))
+        assert applied.trace.batch_size == 1
+        assert applied.trace.tokens_per_layer[0] == first[1]
+    lengths = batch["attention_mask"].sum(-1).tolist()
+    assert [row[0] for row in first] == lengths
