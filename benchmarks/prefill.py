@@ -20,7 +20,7 @@ import transformers
 
 import leanvlm as lv
 from leanvlm.hardware import describe_hardware
-from leanvlm.presets import demo_image, tiny_llava
+from leanvlm.presets import chat_inputs, demo_image, demo_llava
 
 CONFIGS = {
     "unmodified": None,
@@ -33,20 +33,8 @@ CONFIGS = {
 
 
 def build(attn: str):
-    model, proc = tiny_llava(
-        num_layers=8,
-        hidden=512,
-        intermediate=1376,
-        heads=8,
-        kv_heads=8,
-        image_size=336,
-        vision_hidden=64,
-        vision_layers=1,
-        attn_implementation=attn,
-    )
-    content = [{"type": "image"}, {"type": "text", "text": "Describe the picture in detail. " * 6}]
-    prompt = proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    return model, proc(images=demo_image(336), text=prompt, return_tensors="pt")
+    model, proc = demo_llava(attn_implementation=attn, hidden=512, intermediate=1376)
+    return model, chat_inputs(proc, "Describe the picture in detail. " * 6, [demo_image(336)])
 
 
 def time_prefill(model, inputs, methods, repeats: int) -> list[float]:

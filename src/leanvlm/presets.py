@@ -199,12 +199,18 @@ def demo_image(size: int = 56, seed: int = 0):
     return Image.fromarray((img * 255).astype("uint8"))
 
 
-def demo_llava(attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32, device="cpu"):
+def demo_llava(
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+    device="cpu",
+    hidden: int = 256,
+    intermediate: int = 688,
+):
     """The demo model: LLaVA-1.5's 576 visual tokens (336 px, patch 14) on a small 8-layer LLM."""
     return tiny_llava(
         num_layers=8,
-        hidden=256,
-        intermediate=688,
+        hidden=hidden,
+        intermediate=intermediate,
         heads=8,
         kv_heads=8,
         image_size=336,
@@ -214,3 +220,16 @@ def demo_llava(attn_implementation: str = "sdpa", dtype: torch.dtype = torch.flo
         dtype=dtype,
         device=device,
     )
+
+
+def chat_inputs(processor, prompt: str, images: list, device="cpu"):
+    """Processor outputs for one user turn with ``images`` followed by ``prompt``."""
+    n = len(images)
+    if getattr(processor, "chat_template", None):
+        content = [{"type": "image"} for _ in range(n)] + [{"type": "text", "text": prompt}]
+        text = processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True
+        )
+    else:
+        text = (processor.image_token + "\n") * n + prompt
+    return processor(images=images or None, text=text, return_tensors="pt").to(device)

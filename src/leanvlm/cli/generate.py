@@ -58,18 +58,6 @@ def load(args):
     return model, processor, label
 
 
-def build_inputs(processor, prompt: str, images, device):
-    n = len(images)
-    if getattr(processor, "chat_template", None):
-        content = [{"type": "image"} for _ in range(n)] + [{"type": "text", "text": prompt}]
-        text = processor.apply_chat_template(
-            [{"role": "user", "content": content}], add_generation_prompt=True
-        )
-    else:
-        text = (processor.image_token + "\n") * n + prompt
-    return processor(images=images or None, text=text, return_tensors="pt").to(device)
-
-
 def run_one(model, processor, inputs, method, max_new_tokens: int) -> dict:
     import leanvlm as lv
 
@@ -100,7 +88,7 @@ def run(args) -> int:
     from PIL import Image
 
     from ..methods.spec import parse_method
-    from ..presets import demo_image
+    from ..presets import chat_inputs, demo_image
 
     method = parse_method(args.method)  # validate before loading anything
     if args.max_new_tokens < 1:
@@ -114,7 +102,7 @@ def run(args) -> int:
     model, processor, label = load(args)
     if not images:
         images = [demo_image(336)]
-    inputs = build_inputs(processor, args.prompt, images, args.device)
+    inputs = chat_inputs(processor, args.prompt, images, args.device)
     runs = [None, method] if args.compare and method is not None else [method]
     results = [run_one(model, processor, inputs, m, args.max_new_tokens) for m in runs]
     info = {
