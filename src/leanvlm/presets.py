@@ -67,6 +67,7 @@ def llava_config(
     heads: int = 4,
     kv_heads: int = 2,
     vision_hidden: int = 32,
+    vision_intermediate: int | None = None,
     vision_layers: int = 2,
     vision_heads: int = 4,
     image_size: int = 56,
@@ -78,12 +79,13 @@ def llava_config(
 
     vision = CLIPVisionConfig(
         hidden_size=vision_hidden,
-        intermediate_size=vision_hidden * 4,
+        intermediate_size=vision_intermediate or vision_hidden * 4,
         num_hidden_layers=vision_layers,
         num_attention_heads=vision_heads,
         image_size=image_size,
         patch_size=patch_size,
         projection_dim=vision_hidden,
+        hidden_act="quick_gelu",
     )
     text = LlamaConfig(
         vocab_size=vocab_size,
@@ -102,6 +104,97 @@ def llava_config(
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
     )
+
+
+_CLIP_L_336 = dict(
+    vision_hidden=1024, vision_intermediate=4096, vision_layers=24, vision_heads=16, image_size=336
+)
+
+#: Model shapes with random weights. ``vocab_size`` None means the built-in tokenizer's size.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(num_layers=4, hidden=64, intermediate=128, heads=4, kv_heads=2, image_size=56),
+    "demo": dict(
+        num_layers=8,
+        hidden=256,
+        intermediate=688,
+        heads=8,
+        kv_heads=8,
+        image_size=336,
+        vision_hidden=64,
+        vision_layers=1,
+    ),
+    "bench-cpu": dict(
+        num_layers=32,
+        hidden=256,
+        intermediate=688,
+        heads=8,
+        kv_heads=8,
+        image_size=336,
+        vision_hidden=64,
+        vision_layers=1,
+        vocab_size=32064,
+    ),
+    "llava-1.5-7b": dict(
+        num_layers=32, hidden=4096, intermediate=11008, heads=32, kv_heads=32, vocab_size=32064, **_CLIP_L_336
+    ),
+    "llava-1.5-13b": dict(
+        num_layers=40, hidden=5120, intermediate=13824, heads=40, kv_heads=40, vocab_size=32064, **_CLIP_L_336
+    ),
+}
+PRESET_HELP = {
+    "tiny": "4-layer LLaVA, 16 visual tokens (tests)",
+    "demo": "8-layer hidden-256 LLaVA with LLaVA-1.5's 576 visual tokens",
+    "bench-cpu": "32-layer hidden-256 LLaVA with 576 visual tokens (default bench model)",
+    "llava-1.5-7b": "LLaVA-1.5-7B shape (Vicuna-7B + CLIP ViT-L/14-336)",
+    "llava-1.5-13b": "LLaVA-1.5-13B shape (Vicuna-13B + CLIP ViT-L/14-336)",
+}
+
+
+def preset_config(name: str, tokenizer=None, **overrides):
+    """The config of preset ``name`` (no weights), using the built-in tokenizer's special-token ids."""
+    from .errors import ConfigError
+
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    tokenizer = tokenizer or build_tokenizer()
+    spec = {**PRESETS[name], **overrides}
+    vocab = spec.pop("vocab_size", None) or len(tokenizer)
+    return llava_config(
+        vocab_size=vocab,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        pad_token_id=tokenizer.pad_token_id,
+        **spec,
+    )
+
+
+def build_preset(
+    name: str,
+    *,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    **overrides,
+):
+    """A model of preset ``name`` with random weights, created directly on ``device`` (no full-size CPU
+    copy), and a processor for it."""
+    from transformers import LlavaForConditionalGeneration
+
+    tokenizer = build_tokenizer()
+    cfg = preset_config(name, tokenizer, **overrides)
+    torch.manual_seed(seed)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlavaForConditionalGeneration(cfg)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    set_attention(model, attn_implementation)
+    model.eval()
+    v = cfg.vision_config
+    return model, llava_processor(tokenizer, image_size=v.image_size, patch_size=v.patch_size)
 
 
 def llava_processor(tokenizer, image_size: int = 56, patch_size: int = 14):
@@ -125,48 +218,19 @@ def llava_processor(tokenizer, image_size: int = 56, patch_size: int = 14):
 
 def tiny_llava(
     *,
-    num_layers: int = 4,
-    hidden: int = 64,
-    intermediate: int = 128,
-    heads: int = 4,
-    kv_heads: int = 2,
-    image_size: int = 56,
-    patch_size: int = 14,
-    vision_hidden: int = 32,
-    vision_layers: int = 2,
     attn_implementation: str = "sdpa",
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    **shape,
 ):
-    """A LLaVA model of the given shape with random weights, and a working processor.
+    """A LLaVA model with random weights (the ``tiny`` preset, with any shape overrides) and a processor.
 
-    The default is tiny (16 visual tokens per image); ``image_size=336`` gives LLaVA-1.5's 576.
+    The default has 16 visual tokens per image; ``image_size=336`` gives LLaVA-1.5's 576.
     """
-    from transformers import LlavaForConditionalGeneration
-
-    tokenizer = build_tokenizer()
-    cfg = llava_config(
-        vocab_size=len(tokenizer),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        num_layers=num_layers,
-        hidden=hidden,
-        intermediate=intermediate,
-        heads=heads,
-        kv_heads=kv_heads,
-        vision_hidden=vision_hidden,
-        vision_layers=vision_layers,
-        image_size=image_size,
-        patch_size=patch_size,
-        pad_token_id=tokenizer.pad_token_id,
+    return build_preset(
+        "tiny", attn_implementation=attn_implementation, dtype=dtype, device=device, seed=seed, **shape
     )
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = LlavaForConditionalGeneration(cfg).to(dtype)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    set_attention(model, attn_implementation)
-    model.eval()
-    return model, llava_processor(tokenizer, image_size=image_size, patch_size=patch_size)
 
 
 def set_attention(model, impl: str) -> None:
@@ -199,27 +263,9 @@ def demo_image(size: int = 56, seed: int = 0):
     return Image.fromarray((img * 255).astype("uint8"))
 
 
-def demo_llava(
-    attn_implementation: str = "sdpa",
-    dtype: torch.dtype = torch.float32,
-    device="cpu",
-    hidden: int = 256,
-    intermediate: int = 688,
-):
+def demo_llava(attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32, device="cpu", **shape):
     """The demo model: LLaVA-1.5's 576 visual tokens (336 px, patch 14) on a small 8-layer LLM."""
-    return tiny_llava(
-        num_layers=8,
-        hidden=hidden,
-        intermediate=intermediate,
-        heads=8,
-        kv_heads=8,
-        image_size=336,
-        vision_hidden=64,
-        vision_layers=1,
-        attn_implementation=attn_implementation,
-        dtype=dtype,
-        device=device,
-    )
+    return build_preset("demo", attn_implementation=attn_implementation, dtype=dtype, device=device, **shape)
 
 
 def chat_inputs(processor, prompt: str, images: list, device="cpu"):

@@ -49,6 +49,16 @@ def find_adapter(model) -> Adapter:
     )
 
 
+def adapter_class(model_class_name: str) -> type[Adapter]:
+    """The adapter class serving a model class, by name (no model instance needed)."""
+    for adapter_cls in ADAPTERS.values():
+        if model_class_name in adapter_cls.model_classes:
+            return adapter_cls
+    raise UnsupportedModelError(
+        f"{model_class_name} is not supported; supported models: {', '.join(supported_models())}"
+    )
+
+
 def get_method(name: str) -> type:
     key = name.lower().replace("-", "").replace("_", "")
     for registered, cls in METHODS.items():

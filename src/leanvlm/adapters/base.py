@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from ..flops import ModelShape, TextShape
 from ..ops.rope import apply_rope
 
 
@@ -58,6 +59,24 @@ class Adapter:
     @property
     def attn_implementation(self) -> str:
         return self.text_config._attn_implementation or "eager"
+
+    @classmethod
+    def model_shape(cls, config) -> ModelShape:
+        """The shapes FLOPs accounting needs, from the model config alone (no weights)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def text_shape(text_config) -> TextShape:
+        heads = text_config.num_attention_heads
+        return TextShape(
+            num_layers=text_config.num_hidden_layers,
+            hidden=text_config.hidden_size,
+            intermediate=text_config.intermediate_size,
+            heads=heads,
+            kv_heads=getattr(text_config, "num_key_value_heads", None) or heads,
+            head_dim=getattr(text_config, "head_dim", None) or text_config.hidden_size // heads,
+            vocab=text_config.vocab_size,
+        )
 
     # --- questions the engine asks ----------------------------------------------------------------
     def visual_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:

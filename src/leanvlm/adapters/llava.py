@@ -1,5 +1,6 @@
 import torch
 
+from ..flops import ModelShape, VisionShape
 from ..registry import register_adapter
 from .base import Adapter
 
@@ -11,6 +12,28 @@ class LlavaAdapter(Adapter):
 
     name = "llava"
     model_classes = ("LlavaForConditionalGeneration",)
+
+    @classmethod
+    def model_shape(cls, config) -> ModelShape:
+        v, t = config.vision_config, config.text_config
+        grid = v.image_size // v.patch_size
+        layers = config.vision_feature_layer
+        n_feature_layers = 1 if isinstance(layers, int) else len(layers)
+        per_image = grid * grid + (1 if config.vision_feature_select_strategy == "full" else 0)
+        return ModelShape(
+            name=cls.name,
+            text=cls.text_shape(t),
+            vision=VisionShape(
+                layers=v.num_hidden_layers,
+                hidden=v.hidden_size,
+                intermediate=v.intermediate_size,
+                tokens=grid * grid + 1,
+                patch_size=v.patch_size,
+                channels=v.num_channels,
+            ),
+            projector=((v.hidden_size * n_feature_layers, t.hidden_size), (t.hidden_size, t.hidden_size)),
+            visual_tokens_per_image=per_image,
+        )
 
     def visual_mask(self, input_ids, inputs_embeds):
         token_id = self.model.config.image_token_id

@@ -1,0 +1,272 @@
+"""Analytic FLOPs and KV-cache bytes, per layer, from what each layer really processed.
+
+Two conventions, always labelled:
+
+* **real**: FLOPs of the whole prompt, 2 per multiply-add: attention projections (with grouped-query
+  key/value heads), the attention scores and the weighted sum over the full query x key matrix,
+  the gated FFN (three matrices), the vision tower, the projector and the LM head (one position,
+  as ``generate`` computes). Norms, activations, softmax and RoPE are not counted (they are linear
+  in n and small).
+* **paper**: PyramidDrop's convention (arXiv 2410.17247, Sec. 3.1), which later token-pruning papers
+  quote: one per multiply-add, visual tokens only, LLM layers only, per layer
+  ``4 n d^2 + 2 n^2 d + 3 n d m`` with n the visual tokens the layer processed. LLaVA-1.5-7B with 576
+  visual tokens gives 3.82 TFLOPs, and 1.78 TFLOPs with PyramidDrop's default schedule.
+
+"Equivalent tokens" is the layer-averaged visual-token count the token-pruning papers quote.
+
+The per-layer counts come from an engine trace (:func:`from_trace`), so the numbers describe what
+ran; :func:`schedule_counts` derives the same counts from a method's schedule without a model (for
+``leanvlm flops`` on the meta device), and the tests check the two agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class TextShape:
+    num_layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+
+@dataclass(frozen=True)
+class VisionShape:
+    """A ViT: ``tokens`` is the sequence length through the tower per image (patches + CLS)."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    tokens: int
+    patch_size: int
+    channels: int = 3
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    name: str
+    text: TextShape
+    vision: VisionShape | None
+    #: (in, out) of each projector matrix, applied to every visual token
+    projector: tuple[tuple[int, int], ...] = ()
+    #: visual tokens one image contributes to the LLM (LLaVA-1.5: 576); 0 when variable
+    visual_tokens_per_image: int = 0
+
+
+# --- per-component formulas (real: 2 FLOPs per multiply-add) ----------------------------------------
+def attention_projection_flops(t: TextShape, n: int) -> int:
+    q_out, kv_out = t.heads * t.head_dim, t.kv_heads * t.head_dim
+    return 2 * n * t.hidden * (q_out + 2 * kv_out) + 2 * n * q_out * t.hidden
+
+
+def attention_score_flops(t: TextShape, n_q: int, n_kv: int) -> int:
+    """QK^T and the weighted sum of V over the full n_q x n_kv matrix."""
+    return 2 * 2 * n_q * n_kv * t.heads * t.head_dim
+
+
+def ffn_flops(t: TextShape, n: int) -> int:
+    return 2 * 3 * n * t.hidden * t.intermediate
+
+
+def vision_flops(v: VisionShape) -> int:
+    """One image through the tower (patch embedding + transformer layers)."""
+    patches = v.tokens - 1
+    embed = 2 * patches * v.channels * v.patch_size**2 * v.hidden
+    per_layer = (
+        2 * v.tokens * 4 * v.hidden**2
+        + 2 * 2 * v.tokens**2 * v.hidden
+        + 2 * 2 * v.tokens * v.hidden * v.intermediate
+    )
+    return embed + v.layers * per_layer
+
+
+def projector_flops(shape: ModelShape, n_visual: int) -> int:
+    return sum(2 * n_visual * i * o for i, o in shape.projector)
+
+
+def lm_head_flops(t: TextShape, positions: int = 1) -> int:
+    return 2 * positions * t.hidden * t.vocab
+
+
+def paper_layer_flops(t: TextShape, n_visual: int) -> int:
+    """PyramidDrop's per-layer count: one per multiply-add, visual tokens only."""
+    d, m = t.hidden, t.intermediate
+    return 4 * n_visual * d**2 + 2 * n_visual**2 * d + 3 * n_visual * d * m
+
+
+# --- reports -----------------------------------------------------------------------------------------
+@dataclass
+class LayerFlops:
+    layer: int
+    tokens: int
+    visual: int
+    attn_proj: int
+    attn_scores: int
+    ffn: int
+    paper: int
+
+    @property
+    def total(self) -> int:
+        return self.attn_proj + self.attn_scores + self.ffn
+
+
+@dataclass
+class FlopsReport:
+    """Per-sample prefill FLOPs, decode FLOPs and KV-cache bytes for one prompt."""
+
+    shape: ModelShape
+    layers: list[LayerFlops]
+    images: int
+    vision: int
+    projector: int
+    lm_head: int
+    kv_bytes: int
+    decode_flops_per_token: int
+    dtype_bytes: int
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def llm(self) -> int:
+        return sum(layer.total for layer in self.layers)
+
+    @property
+    def prefill_total(self) -> int:
+        """Real FLOPs of the prefill: vision tower, projector, LLM layers, LM head."""
+        return self.vision + self.projector + self.llm + self.lm_head
+
+    @property
+    def paper_total(self) -> int:
+        return sum(layer.paper for layer in self.layers)
+
+    @property
+    def equivalent_tokens(self) -> float:
+        return sum(layer.visual for layer in self.layers) / len(self.layers)
+
+    def summary(self) -> dict:
+        return {
+            "prefill_flops": self.prefill_total,
+            "llm_flops": self.llm,
+            "vision_flops": self.vision + self.projector,
+            "lm_head_flops": self.lm_head,
+            "paper_flops": self.paper_total,
+            "equivalent_tokens": round(self.equivalent_tokens, 2),
+            "visual_tokens_in": self.layers[0].visual,
+            "visual_tokens_last_layer": self.layers[-1].visual,
+            "kv_bytes": self.kv_bytes,
+            "decode_flops_per_token": self.decode_flops_per_token,
+        }
+
+    def table(self) -> str:
+        """The per-layer table and totals in both conventions."""
+        rows = [
+            f"{'layer':>5} {'tokens':>7} {'visual':>7} {'attn proj':>11} {'attn scores':>12} {'ffn':>11} "
+            f"{'total (real)':>13} {'paper':>11}"
+        ]
+        for lf in self.layers:
+            rows.append(
+                f"{lf.layer:>5} {lf.tokens:>7} {lf.visual:>7} {fmt_flops(lf.attn_proj):>11} "
+                f"{fmt_flops(lf.attn_scores):>12} {fmt_flops(lf.ffn):>11} {fmt_flops(lf.total):>13} "
+                f"{fmt_flops(lf.paper):>11}"
+            )
+        rows += [
+            "",
+            f"real FLOPs (2 per multiply-add, whole prompt): {fmt_flops(self.prefill_total)} = "
+            f"vision tower + projector {fmt_flops(self.vision + self.projector)} ({self.images} image(s)) "
+            f"+ LLM {fmt_flops(self.llm)} + LM head {fmt_flops(self.lm_head)}",
+            f"paper FLOPs (PyramidDrop convention: 1 per multiply-add, visual tokens, LLM layers): "
+            f"{fmt_flops(self.paper_total)}",
+            f"equivalent visual tokens (layer average): {self.equivalent_tokens:.1f}",
+            f"KV cache after prefill: {self.kv_bytes / 2**20:.1f} MiB ({self.dtype_bytes}-byte elements)",
+            f"decode, first new token: {fmt_flops(self.decode_flops_per_token)}",
+        ]
+        return "\n".join(rows)
+
+
+def fmt_flops(x: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f}{unit}"
+    return f"{x:.0f}"
+
+
+def report(
+    shape: ModelShape,
+    tokens_per_layer: list[int],
+    visual_per_layer: list[int],
+    *,
+    images: int,
+    dtype_bytes: int = 2,
+) -> FlopsReport:
+    """FLOPs of one sample's prefill given what each layer processed (tokens incl. visual)."""
+    t = shape.text
+    if len(tokens_per_layer) != t.num_layers or len(visual_per_layer) != t.num_layers:
+        raise ValueError(
+            f"expected {t.num_layers} per-layer counts, got {len(tokens_per_layer)} and {len(visual_per_layer)}"
+        )
+    layers = [
+        LayerFlops(
+            layer=i,
+            tokens=n,
+            visual=v,
+            attn_proj=attention_projection_flops(t, n),
+            attn_scores=attention_score_flops(t, n, n),
+            ffn=ffn_flops(t, n),
+            paper=paper_layer_flops(t, v),
+        )
+        for i, (n, v) in enumerate(zip(tokens_per_layer, visual_per_layer, strict=True))
+    ]
+    per_token = sum(
+        attention_projection_flops(t, 1) + attention_score_flops(t, 1, n + 1) + ffn_flops(t, 1)
+        for n in tokens_per_layer
+    ) + lm_head_flops(t)
+    vision = images * vision_flops(shape.vision) if shape.vision is not None else 0
+    return FlopsReport(
+        shape=shape,
+        layers=layers,
+        images=images,
+        vision=vision,
+        projector=projector_flops(shape, visual_per_layer[0]),
+        lm_head=lm_head_flops(t),
+        kv_bytes=kv_cache_bytes(t, tokens_per_layer, dtype_bytes),
+        decode_flops_per_token=per_token,
+        dtype_bytes=dtype_bytes,
+    )
+
+
+def kv_cache_bytes(t: TextShape, kv_per_layer: list[int], dtype_bytes: int) -> int:
+    return sum(2 * n * t.kv_heads * t.head_dim * dtype_bytes for n in kv_per_layer)
+
+
+def from_trace(shape: ModelShape, trace, sample: int = 0, *, images: int | None = None, dtype_bytes: int = 2):
+    """The report for one sample of an engine trace (what each layer really processed)."""
+    tokens = trace.tokens_per_layer[sample]
+    visual = trace.visual_per_layer[sample]
+    if images is None:
+        per_image = shape.visual_tokens_per_image
+        images = visual[0] // per_image if per_image else 0
+    return report(shape, tokens, visual, images=images, dtype_bytes=dtype_bytes)
+
+
+def schedule_counts(method, num_layers: int, n_visual: int, n_text: int) -> tuple[list[int], list[int]]:
+    """(tokens_per_layer, visual_per_layer) that ``method``'s schedule implies for one prompt."""
+    visual = [n_visual] * num_layers
+    if method is not None and not method.is_noop:
+        current = n_visual
+        for stage in method.drop_stages(num_layers):
+            current = min(stage.keep(n_visual), current)
+            for layer in range(stage.layer, num_layers):
+                visual[layer] = current
+    return [n_text + v for v in visual], visual
+
+
+def dtype_size(dtype: torch.dtype | str) -> int:
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    return torch.empty((), dtype=dtype).element_size()
