@@ -78,6 +78,25 @@ class Adapter:
             vocab=text_config.vocab_size,
         )
 
+    # --- questions the visualisation asks -------------------------------------------------------------
+    def image_grids(self, inputs) -> list[tuple[int, int]]:
+        """(rows, cols) of visual tokens of each image of the batch, in order; their tokens are
+        consecutive in raster order inside the sample's visual tokens."""
+        raise NotImplementedError
+
+    def model_view(self, inputs, processor) -> list:
+        """The images as the model saw them (after resizing / cropping), as PIL images."""
+        from PIL import Image
+
+        ip = processor.image_processor
+        mean = torch.tensor(ip.image_mean).view(3, 1, 1)
+        std = torch.tensor(ip.image_std).view(3, 1, 1)
+        out = []
+        for pixels in inputs["pixel_values"].float().cpu():
+            rgb = ((pixels * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+            out.append(Image.fromarray(rgb))
+        return out
+
     # --- questions the engine asks ----------------------------------------------------------------
     def visual_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
         """[B, N] bool: which input positions hold visual tokens."""

@@ -35,6 +35,11 @@ class LlavaAdapter(Adapter):
             visual_tokens_per_image=per_image,
         )
 
+    def image_grids(self, inputs) -> list[tuple[int, int]]:
+        v = self.model.config.vision_config
+        grid = v.image_size // v.patch_size
+        return [(grid, grid)] * inputs["pixel_values"].shape[0]
+
     def visual_mask(self, input_ids, inputs_embeds):
         token_id = self.model.config.image_token_id
         if input_ids is not None:

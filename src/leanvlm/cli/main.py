@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import os
+import logging
 import sys
 import warnings
 
 from ..errors import LeanVLMError
-from . import generate
+from . import bench, flops, generate, viz
 
-COMMANDS = {"generate": generate}
+COMMANDS = {"bench": bench, "flops": flops, "generate": generate, "viz": viz}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,9 +24,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _DropTorchvisionFallbackNotice(logging.Filter):
+    """transformers logs, per image processor, that it falls back to PIL without torchvision; the
+    fallback is what this project expects on CPU machines, so the notice is noise here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision" not in record.getMessage()
+
+
 def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*torchvision.*")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.get_logger("transformers").addFilter(_DropTorchvisionFallbackNotice())
+    for handler in hf_logging.get_logger("transformers").handlers:
+        handler.addFilter(_DropTorchvisionFallbackNotice())
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -52,6 +52,16 @@ class Method:
                 f"{type(self).__name__}: {field}={value!r} is not one of {', '.join(map(repr, allowed))}"
             )
 
+    @classmethod
+    def bench_default(cls, num_layers: int) -> Method:
+        """The setting the bench runs for budget "default" (the reference's headline setting)."""
+        return cls()
+
+    @classmethod
+    def at_budget(cls, budget: float, num_layers: int) -> Method:
+        """A setting whose layer-averaged visual tokens are ``budget`` of the input's (matched budgets)."""
+        raise NotImplementedError
+
     def check_model(self, num_layers: int) -> None:
         """Checks that need the model (raise ConfigError); run by ``apply`` before anything is installed."""
 

@@ -59,6 +59,20 @@ class FastV(Method):
         self._check_choice("query", self.query, QUERIES)
         self._check_choice("positions", self.positions, POSITIONS)
 
+    @classmethod
+    def bench_default(cls, num_layers: int) -> FastV:
+        return cls(layer=min(2, num_layers - 1), keep_ratio=0.25)
+
+    @classmethod
+    def at_budget(cls, budget: float, num_layers: int) -> FastV:
+        layer = min(2, num_layers - 1)
+        low = layer / num_layers
+        if not low < budget <= 1:
+            raise ConfigError(
+                f"FastV: budget={budget} is outside ({low:.3g}, 1] for layer={layer} of {num_layers}"
+            )
+        return cls(layer=layer, keep_ratio=round((budget * num_layers - layer) / (num_layers - layer), 6))
+
     def check_model(self, num_layers: int) -> None:
         check_layer("FastV", "layer", self.layer, num_layers)
 

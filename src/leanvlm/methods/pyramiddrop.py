@@ -74,6 +74,36 @@ class PyramidDrop(Method):
         self._check_choice("query", self.query, QUERIES)
         self._check_choice("positions", self.positions, POSITIONS)
 
+    @classmethod
+    def bench_default(cls, num_layers: int) -> PyramidDrop:
+        if num_layers >= 25:
+            return cls()
+        return cls.at_budget(
+            270 / 576, num_layers
+        )  # the default's layer-averaged share, on a shallower model
+
+    @classmethod
+    def at_budget(cls, budget: float, num_layers: int) -> PyramidDrop:
+        """Four even stages with a geometric ratio lambda chosen so the layer average equals ``budget``."""
+        if num_layers < 4:
+            raise ConfigError(f"PyramidDrop: at_budget needs at least 4 layers, got {num_layers}")
+        layers = tuple(round(num_layers * k / 4) for k in (1, 2, 3))
+        spans = [b - a for a, b in pairwise((0, *layers, num_layers))]
+
+        def average(lam: float) -> float:
+            return sum(span * lam**i for i, span in enumerate(spans)) / num_layers
+
+        if not average(0.0) < budget <= 1:
+            raise ConfigError(
+                f"PyramidDrop: budget={budget} is outside ({average(0.0):.3g}, 1] with stages at layers {layers}"
+            )
+        lo, hi = 0.0, 1.0
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if average(mid) < budget else (lo, mid)
+        lam = hi
+        return cls(layers=layers, keep_ratios=tuple(round(lam**i, 6) for i in (1, 2, 3)))
+
     def check_model(self, num_layers: int) -> None:
         for i, layer in enumerate(self.layers):
             check_layer("PyramidDrop", f"layers[{i}]", layer, num_layers)

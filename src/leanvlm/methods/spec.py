@@ -12,6 +12,8 @@ import dataclasses
 from ..errors import ConfigError
 from ..registry import METHODS, get_method
 
+__all__ = ["build_method", "get_method", "method_names", "parse_method", "split_top_level"]
+
 
 def split_top_level(text: str, sep: str = ",") -> list[str]:
     """Split on ``sep`` outside brackets and quotes: ``"a=1,b=[1,2]"`` -> ``["a=1", "b=[1,2]"]``."""

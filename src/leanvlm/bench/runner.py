@@ -1,0 +1,208 @@
+"""Timing and accounting of methods on one model and one prompt.
+
+Timing hygiene: warm-up runs are excluded, the device is synchronized around every timed region,
+every configuration is measured in the same run with repeats interleaved across configurations
+(so drift in machine load hits all of them alike), and medians are reported. Prefill, time to
+first token and decode are measured separately:
+
+* prefill: one forward over the prompt with a KV cache, logits for the last position only;
+* time to first token: ``generate(max_new_tokens=1)`` (vision tower + prefill + sampling);
+* decode: ``(t(generate N) - t(generate 1)) / (N - 1)`` with ``min_new_tokens=N``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import flops as flops_mod
+from ..api import apply
+
+
+@dataclass
+class BenchConfig:
+    label: str
+    methods: tuple | None  # None: the unmodified model (nothing applied); (): leanvlm with no method
+    budget: str = ""
+
+    @property
+    def kind(self) -> str:
+        if self.methods is None:
+            return "unmodified"
+        return "no method" if not self.methods else self.methods[0].name
+
+
+@dataclass
+class Settings:
+    repeats: int = 5
+    warmup: int = 1
+    new_tokens: int = 16
+
+
+@dataclass
+class Samples:
+    prefill_ms: list[float] = field(default_factory=list)
+    ttft_ms: list[float] = field(default_factory=list)
+    decode_ms: list[float] = field(default_factory=list)  # t(generate N) - t(generate 1), per repeat
+    peak_bytes: int = 0
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PeakMemory:
+    """Peak memory above the level at entry: the CUDA allocator's peak, or the process RSS sampled
+    every millisecond on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak = 0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+            return self
+        import psutil
+
+        self._proc = psutil.Process()
+        self._start = self._proc.memory_info().rss
+        self._max = self._start
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.is_set():
+                self._max = max(self._max, self._proc.memory_info().rss)
+                self._stop.wait(0.001)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self._start
+        else:
+            self._stop.set()
+            self._thread.join()
+            self._max = max(self._max, self._proc.memory_info().rss)
+            self.peak = self._max - self._start
+
+
+def _timed(fn: Callable, device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def measure(
+    model,
+    inputs,
+    configs: list[BenchConfig],
+    settings: Settings,
+    shape,
+    *,
+    dtype_bytes: int,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """Run every config; returns one row per config (speedups relative to the first config)."""
+    device = inputs["input_ids"].device
+    n = settings.new_tokens
+    gen = dict(do_sample=False, pad_token_id=model.generation_config.pad_token_id)
+
+    def prefill():
+        model(**inputs, use_cache=True, logits_to_keep=1)
+
+    def first_token():
+        model.generate(**inputs, max_new_tokens=1, **gen)
+
+    def generate_n():
+        model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, **gen)
+
+    samples = {c.label: Samples() for c in configs}
+    rounds = settings.warmup + settings.repeats
+    with torch.inference_mode():
+        for r in range(rounds):
+            for c in configs:
+                if progress:
+                    progress(
+                        f"{'warm-up' if r < settings.warmup else f'repeat {r - settings.warmup + 1}'}: {c.label}"
+                    )
+                handle = apply(model, *c.methods) if c.methods is not None else None
+                try:
+                    p, t1 = _timed(prefill, device), _timed(first_token, device)
+                    with PeakMemory(device) as mem:
+                        tn = _timed(generate_n, device)
+                finally:
+                    if handle is not None:
+                        handle.remove()
+                if r >= settings.warmup:
+                    s = samples[c.label]
+                    s.prefill_ms.append(p)
+                    s.ttft_ms.append(t1)
+                    s.decode_ms.append(tn - t1)
+                    s.peak_bytes = max(s.peak_bytes, mem.peak)
+        rows = [_row(model, inputs, c, samples[c.label], settings, shape, dtype_bytes) for c in configs]
+    base = rows[0]
+    for row in rows:
+        row["speedup"] = round(base["prefill_ms"] / row["prefill_ms"], 3)
+        row["ttft_speedup"] = round(base["ttft_ms"] / row["ttft_ms"], 3)
+        both = row["decode_tok_s"] and base["decode_tok_s"]
+        row["decode_speedup"] = round(row["decode_tok_s"] / base["decode_tok_s"], 3) if both else None
+        row["flops_ratio"] = round(row["prefill_flops"] / base["prefill_flops"], 4)
+        row["paper_flops_ratio"] = (
+            round(row["paper_flops"] / base["paper_flops"], 4) if base["paper_flops"] else None
+        )
+        row["analytic_speedup"] = round(1 / row["flops_ratio"], 3)
+        row["speedup_vs_analytic"] = round(row["speedup"] / row["analytic_speedup"], 3)
+    return rows
+
+
+def _row(model, inputs, config: BenchConfig, s: Samples, settings: Settings, shape, dtype_bytes: int) -> dict:
+    """Accounting from one more (untimed) prefill with the config applied: the trace and the real cache."""
+    handle = apply(model, *(config.methods or ()))
+    try:
+        out = model(**inputs, use_cache=True, logits_to_keep=1)
+        trace = handle.trace
+    finally:
+        handle.remove()
+    kv_measured = sum(
+        (layer.keys.numel() + layer.values.numel()) * layer.keys.element_size()
+        for layer in out.past_key_values.layers
+    )
+    report = flops_mod.from_trace(shape, trace, dtype_bytes=dtype_bytes)
+    prefill_ms = statistics.median(s.prefill_ms)
+    ttft_ms = statistics.median(s.ttft_ms)
+    decode_ms = statistics.median(s.decode_ms)
+    visual = trace.visual_per_layer[0]
+    return {
+        "config": config.label,
+        "method": config.kind,
+        "budget": config.budget,
+        "settings": None if not config.methods else config.methods[0].describe(),
+        "visual_tokens_in": visual[0],
+        "visual_tokens_kept": visual[-1],
+        "equivalent_tokens": round(report.equivalent_tokens, 2),
+        "prefill_flops": report.prefill_total,
+        "paper_flops": report.paper_total,
+        "prefill_ms": round(prefill_ms, 3),
+        "prefill_ms_min": round(min(s.prefill_ms), 3),
+        "ttft_ms": round(ttft_ms, 3),
+        # None when timing noise exceeded the decode time itself (too few new tokens for this machine)
+        "decode_tok_s": round((settings.new_tokens - 1) / (decode_ms / 1e3), 3) if decode_ms > 0 else None,
+        "peak_mem_mib": round(s.peak_bytes / 2**20, 2),
+        "kv_bytes": kv_measured,
+        "kv_bytes_analytic": report.kv_bytes,
+        "visual_per_layer": visual,
+    }
