@@ -1,0 +1,222 @@
+"""leanvlm bench / flops / viz on tiny models: exit codes, table columns, JSON schema, PNGs."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import leanvlm as lv
+from leanvlm.bench import build_configs, parse_budgets
+from leanvlm.cli.main import main
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+ROW_KEYS = {
+    "config",
+    "method",
+    "budget",
+    "settings",
+    "visual_tokens_in",
+    "visual_tokens_kept",
+    "equivalent_tokens",
+    "prefill_flops",
+    "paper_flops",
+    "prefill_ms",
+    "prefill_ms_min",
+    "ttft_ms",
+    "decode_tok_s",
+    "peak_mem_mib",
+    "kv_bytes",
+    "kv_bytes_analytic",
+    "visual_per_layer",
+    "speedup",
+    "ttft_speedup",
+    "decode_speedup",
+    "flops_ratio",
+    "paper_flops_ratio",
+    "analytic_speedup",
+    "speedup_vs_analytic",
+}
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    argv = [
+        "bench",
+        "--preset",
+        "tiny",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--new-tokens",
+        "3",
+        "--budgets",
+        "default,0.8",
+        "--out",
+        str(out),
+        "--plot",
+        "--no-progress",
+    ]
+    return argv, out
+
+
+def test_bench_writes_table_json_and_plot(capsys, bench_run):
+    argv, out = bench_run
+    code, stdout, _ = run_cli(capsys, *argv)
+    assert code == 0
+    header = stdout.splitlines()[1]
+    for column in (
+        "visual kept",
+        "equiv. tok",
+        "prefill FLOPs",
+        "prefill ms",
+        "TTFT ms",
+        "decode tok/s",
+        "peak MiB",
+        "KV MiB",
+        "speedup",
+        "FLOPs ratio",
+    ):
+        assert column in header
+    doc = json.loads(out.read_text())
+    for key in (
+        "hardware",
+        "versions",
+        "dtype",
+        "attn",
+        "device",
+        "shape",
+        "prompt_tokens",
+        "settings",
+        "rows",
+    ):
+        assert key in doc
+    assert doc["versions"]["torch"] and doc["dtype"] == "float32" and doc["attn"] == "sdpa"
+    labels = [r["config"] for r in doc["rows"]]
+    assert labels == [
+        "none (unmodified model)",
+        "none (leanvlm, no method)",
+        "fastv @ default",
+        "fastv @ 0.8",
+        "pyramiddrop @ default",
+        "pyramiddrop @ 0.8",
+    ]
+    for row in doc["rows"]:
+        assert set(row) == ROW_KEYS
+        assert row["kv_bytes"] == row["kv_bytes_analytic"]  # the real cache matches the trace's count
+        assert len(row["visual_per_layer"]) == 4
+    rows = {r["config"]: r for r in doc["rows"]}
+    assert rows["none (unmodified model)"]["flops_ratio"] == 1.0
+    assert rows["fastv @ default"]["visual_per_layer"] == [16, 16, 4, 4]  # keep 25% after layer 2
+    assert rows["fastv @ 0.8"]["equivalent_tokens"] == pytest.approx(0.8 * 16, abs=0.5)
+    assert rows["fastv @ default"]["flops_ratio"] < 1.0
+    png = out.with_suffix(".png")
+    with Image.open(png) as img:
+        assert img.format == "PNG" and img.size == (640, 480)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--budgets", "0"], "--budgets item '0' is outside (0, 1]"),
+        (["--budgets", "most"], "--budgets item 'most' is neither 'default' nor a number"),
+        (["--methods", "warpdrive"], "unknown method 'warpdrive'"),
+        (["--preset", "llava-99b"], "unknown preset 'llava-99b'"),
+        (["--device", "cuda:7"], "CUDA is not available"),
+        (["--repeats", "0"], "--repeats=0 is too small"),
+        (["--budgets", "0.1"], "FastV: budget=0.1 is outside (0.5, 1] for layer=2 of 4"),
+    ],
+)
+def test_bench_bad_arguments(capsys, argv, message):
+    import torch
+
+    if "cuda:7" in argv and torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    code, _, err = run_cli(capsys, "bench", "--preset", "tiny", "--no-progress", *argv)
+    assert code == 2
+    assert message in err
+
+
+def test_matched_budgets_give_matched_equivalent_tokens():
+    configs = build_configs(None, parse_budgets("0.5"), 32)
+    fastv, pdrop = (c.methods[0] for c in configs[2:])
+    for method in (fastv, pdrop):
+        visual = [576] * 32
+        for stage in method.drop_stages(32):
+            for layer in range(stage.layer, 32):
+                visual[layer] = stage.keep(576)
+        assert sum(visual) / 32 == pytest.approx(288, abs=2)
+    assert configs[3].methods[0] == lv.PyramidDrop.at_budget(0.5, 32)
+
+
+def test_flops_command_pyramiddrop_preset(capsys):
+    code, out, _ = run_cli(
+        capsys, "flops", "--preset", "llava-1.5-7b", "--method", "none", "--method", "pyramiddrop"
+    )
+    assert code == 0
+    assert "3.82T" in out and "1.78T" in out  # paper convention, published figures
+    assert "equivalent visual tokens (layer average): 270.0" in out
+    assert "real FLOPs (2 per multiply-add, whole prompt)" in out
+
+
+def test_flops_command_json(capsys):
+    code, out, _ = run_cli(capsys, "flops", "--method", "fastv:layer=2,keep_ratio=0.5", "--json")
+    assert code == 0
+    doc = json.loads(out)
+    (m,) = doc["methods"]
+    assert len(m["layers"]) == 32 and m["layers"][2]["visual"] == 288
+    assert m["equivalent_tokens"] == 306.0
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--method", "fastv:layer=40"],
+            "FastV: layer=40 is outside [1, 31] for this model (32 decoder layers)",
+        ),
+        (["--text-tokens", "-1"], "--text-tokens=-1 must be >= 0"),
+        (["--preset", "nope"], "unknown preset 'nope'"),
+    ],
+)
+def test_flops_bad_arguments(capsys, argv, message):
+    code, _, err = run_cli(capsys, "flops", *argv)
+    assert code == 2 and message in err
+
+
+def test_viz_writes_one_png_per_stage(capsys, tmp_path):
+    out = tmp_path / "viz"
+    code, stdout, _ = run_cli(
+        capsys,
+        "viz",
+        "--preset",
+        "tiny",
+        "--method",
+        "pyramiddrop:layers=[1,3],keep_ratios=[0.5,0.25]",
+        "--out",
+        str(out),
+        "--size",
+        "112",
+    )
+    assert code == 0
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["stage0_input.png", "stage1_layer1.png", "stage2_layer3.png"]
+    dark = []
+    for name in files:
+        with Image.open(out / name) as img:
+            assert img.format == "PNG" and img.size == (112, 112)
+            dark.append(int((np.asarray(img.convert("L")) < 20).sum()))
+    assert dark[0] < dark[1] < dark[2]  # more patches are dimmed at each stage
+
+
+def test_viz_refuses_no_method(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "viz", "--preset", "tiny", "--method", "none", "--out", str(tmp_path))
+    assert code == 2 and "--method none drops nothing" in err
