@@ -108,3 +108,75 @@ def test_trace_resets_per_prefill_and_counts_only_real_tokens():
         assert applied.trace.tokens_per_layer[0] == first[1]
     lengths = batch["attention_mask"].sum(-1).tolist()
     assert [row[0] for row in first] == lengths
+
+
+def test_prompt_ending_with_an_image_keeps_its_last_token():
+    """Captioning prompts end with the image: the last token (what generation continues from) stays."""
+    model, proc = build("llava", num_layers=5)
+    from leanvlm.presets import demo_image
+
+    inputs = proc(text=["<image>"], images=[demo_image(56)], return_tensors="pt")
+    n = inputs["input_ids"].shape[1]
+    for method in (METHOD, lv.FastV(layer=2, keep_tokens=2), lv.FastV(layer=2, keep_tokens=2, query="text")):
+        with lv.apply(model, method) as applied:
+            model(**inputs)
+            stages = list(applied.trace.stages)
+            visual = applied.trace.visual_per_layer[0]
+            cached = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+            uncached = model.generate(**inputs, max_new_tokens=3, do_sample=False, use_cache=False)
+        assert all(int(stage.orig[0, -1]) == n - 1 for stage in stages)
+        expected = [16] * 5
+        for stage in method.drop_stages(5):
+            expected[stage.layer :] = [stage.keep(16)] * (5 - stage.layer)
+        assert visual == expected  # the protected token counts against the budget
+        assert torch.equal(cached, uncached)
+
+
+def test_generate_with_inputs_keyword_ranks_with_the_prompt():
+    model, proc = build("llava", num_layers=5)
+    batch = make_inputs(proc, PROMPTS[:2])
+    kwargs = {k: v for k, v in batch.items() if k != "input_ids"}
+    with lv.apply(model, METHOD):
+        cached = model.generate(inputs=batch["input_ids"], **kwargs, max_new_tokens=4, do_sample=False)
+        uncached = model.generate(
+            inputs=batch["input_ids"], **kwargs, max_new_tokens=4, do_sample=False, use_cache=False
+        )
+    assert torch.equal(cached, uncached)
+
+
+def test_copied_cache_and_reapplied_method_continue_correctly():
+    import copy
+
+    model, proc = build("llava", num_layers=5)
+    inputs = make_inputs(proc, PROMPTS[:2])
+    mask = torch.cat([inputs["attention_mask"], torch.ones(2, 1, dtype=torch.long)], -1)
+    token = torch.full((2, 1), 101)
+    with lv.apply(model, METHOD), torch.no_grad():
+        cache = model(**inputs, use_cache=True).past_key_values
+        copied = copy.deepcopy(cache)
+        reference = step(model, token, mask, cache)
+        from_copy = step(model, token, mask, copied)
+    torch.testing.assert_close(from_copy, reference)
+    with torch.no_grad(), lv.apply(model, METHOD):
+        cache = model(**inputs, use_cache=True).past_key_values
+    with lv.apply(model, METHOD):  # removed and applied again between prefill and decode
+        after_reapply = step(model, token, mask, cache)
+    torch.testing.assert_close(after_reapply, reference)
+
+
+def test_reset_cache_forgets_the_reduction_and_foreign_uneven_cache_is_refused():
+    model, proc = build("llava", num_layers=5)
+    image_inputs = make_inputs(proc, PROMPTS[:1])
+    text_inputs = make_inputs(proc, PROMPTS[2:3])
+    with torch.no_grad():
+        base = model(**text_inputs).logits[:, -1]
+    with lv.apply(model, METHOD), torch.no_grad():
+        cache = model(**image_inputs, use_cache=True).past_key_values
+        cache.reset()
+        reused = model(**text_inputs, past_key_values=cache, use_cache=True).logits[:, -1]
+        torch.testing.assert_close(reused, base)
+        cache = model(**image_inputs, use_cache=True).past_key_values
+        del cache._leanvlm_kv_record  # as if filled by something that kept no record
+        n = image_inputs["input_ids"].shape[1]
+        with pytest.raises(lv.LeanVLMError, match="layers of different lengths .* no record"):
+            step(model, torch.full((1, 1), 101), torch.ones(1, n + 1, dtype=torch.long), cache)

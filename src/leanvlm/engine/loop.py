@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import types
 import warnings
-import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -34,7 +33,7 @@ from ..ops import (
     topk_keep,
 )
 from ..ops.masks import mask_keys
-from .cache import check_cache
+from .cache import check_cache, get_kv_record, set_kv_record
 from .state import KVMap, TokenState, expand_positions, gather_positions, gather_rows
 from .trace import StageRecord, Trace
 
@@ -82,7 +81,6 @@ class Engine:
         self.prompt_len: int | None = None
         self._visual: torch.Tensor | None = None
         self._call: _Call | None = None
-        self._maps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._handles: list = []
         self._patched_generate = False
 
@@ -119,7 +117,7 @@ class Engine:
         cls_generate = type(model).generate
 
         def generate(self_model, *args, **kwargs):
-            inputs = kwargs.get("input_ids", args[0] if args else None)
+            inputs = kwargs.get("inputs", kwargs.get("input_ids", args[0] if args else None))
             if inputs is None:
                 inputs = kwargs.get("inputs_embeds")
             engine.prompt_len = inputs.shape[1] if inputs is not None else None
@@ -175,6 +173,8 @@ class Engine:
         visual = visual.to(device) & valid
 
         if past_len == 0:
+            if past is not None:
+                set_kv_record(past, None)  # a reset or new cache: nothing from an earlier prefill applies
             self.trace.reset()
             orig = torch.arange(n, device=device).expand(b, n)
             self.trace.stages.append(StageRecord(0, orig, valid, visual))
@@ -190,8 +190,14 @@ class Engine:
                 )
             return None
 
-        entry = self._maps.get(past) if past is not None else None
+        entry = get_kv_record(past)
         if entry is None:
+            lengths = {layer.get_seq_length() for layer in getattr(past, "layers", [])}
+            if len(lengths) > 1:
+                raise LeanVLMError(
+                    f"this KV cache has layers of different lengths {sorted(lengths)} but no record of the "
+                    "reduction that filled it; continue it with the model and method that filled it"
+                )
             return None
         n_cached, n_prompt, kvmaps = entry
         if past_len != n_cached:
@@ -216,13 +222,13 @@ class Engine:
             if call.cache is not None and call.reduced:
                 kvmaps = [KVMap(s.orig, s.valid, s.shift) for s in call.stage_states]
                 if call.cache.get_seq_length() == call.n_input:
-                    self._maps[call.cache] = (call.n_input, call.n_input, kvmaps)
+                    set_kv_record(call.cache, (call.n_input, call.n_input, kvmaps))
         elif call.cache.get_seq_length() == call.past_len + call.n_input:
             kvmaps = [
                 KVMap(torch.cat([m.orig, call.new_orig], -1), torch.cat([m.valid, call.valid], -1), m.shift)
                 for m in call.kvmaps
             ]
-            self._maps[call.cache] = (call.past_len + call.n_input, call.n_prompt, kvmaps)
+            set_kv_record(call.cache, (call.past_len + call.n_input, call.n_prompt, kvmaps))
         return None
 
     @staticmethod
@@ -316,7 +322,14 @@ class Engine:
         s = call.state
         scores = call.scores.pop(stage_idx)
         candidates = s.visual & s.valid
+        # The last prompt token is what generation continues from (and the usual query): never drop it,
+        # even when the prompt ends with an image.
+        slots = torch.arange(s.orig.shape[1], device=hidden.device).expand_as(s.orig)
+        last = torch.where(s.valid & (s.orig < call.prompt_len), slots, -1).max(-1, keepdim=True).values
+        last_is_visual = candidates.gather(1, last.clamp_min(0))[:, 0]
+        candidates = candidates & (slots != last)
         wanted = torch.tensor([stage.keep(n) for n in call.visual_counts], device=hidden.device)
+        wanted = (wanted - last_is_visual.long()).clamp_min(0)  # the kept last token counts against the budget
         keep = topk_keep(scores, candidates, torch.minimum(wanted, candidates.sum(-1)))
         if bool(keep.all()):
             return hidden, s
