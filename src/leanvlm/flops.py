@@ -3,7 +3,8 @@
 Two conventions, always labelled:
 
 * **real**: FLOPs of the whole prompt, 2 per multiply-add: attention projections (with grouped-query
-  key/value heads), the attention scores and the weighted sum over the full query x key matrix,
+  key/value heads), the attention scores and the weighted sum over the query-key pairs the causal
+  mask allows (n(n+1)/2 in a prefill, what flash / sdpa kernels compute),
   the gated FFN (three matrices), the vision tower, the projector and the LM head (one position,
   as ``generate`` computes). Norms, activations, softmax and RoPE are not counted (they are linear
   in n and small).
@@ -66,9 +67,14 @@ def attention_projection_flops(t: TextShape, n: int) -> int:
     return 2 * n * t.hidden * (q_out + 2 * kv_out) + 2 * n * q_out * t.hidden
 
 
-def attention_score_flops(t: TextShape, n_q: int, n_kv: int) -> int:
-    """QK^T and the weighted sum of V over the full n_q x n_kv matrix."""
-    return 2 * 2 * n_q * n_kv * t.heads * t.head_dim
+def attention_score_flops(t: TextShape, n_q: int, n_kv: int, causal: bool = True) -> int:
+    """QK^T and the weighted sum of V over the query-key pairs the mask allows.
+
+    With ``causal`` the n_q queries are the last n_q of the n_kv keys, so a prefill has n(n+1)/2 pairs:
+    the work flash / memory-efficient sdpa kernels do (eager attention computes the full square and
+    masks it; ``causal=False`` counts that)."""
+    pairs = n_q * n_kv - (n_q * (n_q - 1) // 2 if causal else 0)
+    return 2 * 2 * pairs * t.heads * t.head_dim
 
 
 def ffn_flops(t: TextShape, n: int) -> int:

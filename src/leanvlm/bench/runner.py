@@ -2,7 +2,7 @@
 
 Timing hygiene: warm-up runs are excluded, the device is synchronized around every timed region,
 every configuration is measured in the same run with repeats interleaved across configurations
-(so drift in machine load hits all of them alike), and medians are reported. Prefill, time to
+and the order rotated every round (so drift in machine load and order effects hit all alike), and medians are reported. Prefill, time to
 first token and decode are measured separately:
 
 * prefill: one forward over the prompt with a KV cache, logits for the last position only;
@@ -134,7 +134,9 @@ def measure(
     rounds = settings.warmup + settings.repeats
     with torch.inference_mode():
         for r in range(rounds):
-            for c in configs:
+            # rotate the order every round so that no config always runs first (or after the same one)
+            shift = r % len(configs)
+            for c in configs[shift:] + configs[:shift]:
                 if progress:
                     progress(
                         f"{'warm-up' if r < settings.warmup else f'repeat {r - settings.warmup + 1}'}: {c.label}"
