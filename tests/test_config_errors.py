@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from models import build
+from models import PROMPTS, build, make_inputs
 
 import leanvlm as lv
 
@@ -122,10 +122,17 @@ def test_unsupported_attention_kernel_is_refused():
         model.model.language_model.config._attn_implementation = impl
 
 
-def test_last_report_needs_applied_model():
-    model, _ = build("llava", num_layers=5)
+def test_last_report_needs_applied_model_and_a_prefill():
+    model, proc = build("llava", num_layers=5)
     with pytest.raises(lv.ConfigError, match="has nothing applied"):
         lv.last_report(model)
-    with lv.apply(model, lv.FastV()) as applied:
-        assert lv.last_report(model) is applied.trace
-    assert torch.is_tensor(next(model.parameters()))
+    with lv.apply(model, lv.FastV(layer=2, keep_ratio=0.5)) as applied:
+        with pytest.raises(lv.ConfigError, match="no prefill has run"):
+            lv.last_report(model)
+        with torch.no_grad():
+            model(**make_inputs(proc, PROMPTS[:2]))
+        report = lv.last_report(model, sample=1)
+        assert [lf.visual for lf in report.layers] == applied.trace.visual_per_layer[1]
+        assert report.equivalent_tokens == (2 * 16 + 3 * 8) / 5
+        with pytest.raises(lv.ConfigError, match=r"sample=2 is outside \[0, 1\]"):
+            lv.last_report(model, sample=2)

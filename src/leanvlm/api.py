@@ -96,9 +96,19 @@ def remove(model) -> bool:
     return True
 
 
-def last_report(model) -> Trace:
-    """The trace of the last prefill of a model that has methods applied."""
+def last_report(model, sample: int = 0):
+    """FLOPs, per-layer token counts and KV-cache bytes of ``sample`` in the last prefill of a model
+    that has methods applied (a :class:`leanvlm.flops.FlopsReport`; ``print(report.table())``)."""
+    from . import flops
+
     handle = _APPLIED.get(model)
     if handle is None:
         raise ConfigError(f"{type(model).__name__} has nothing applied; call lv.apply(model, ...) first")
-    return handle.trace
+    trace = handle.trace
+    if not trace.stages:
+        raise ConfigError("no prefill has run since lv.apply(); run the model first")
+    if not 0 <= sample < trace.batch_size:
+        raise ConfigError(f"sample={sample} is outside [0, {trace.batch_size - 1}] for the last batch")
+    shape = type(handle.adapter).model_shape(model.config)
+    dtype_bytes = next(model.parameters()).element_size()
+    return flops.from_trace(shape, trace, sample, dtype_bytes=dtype_bytes)

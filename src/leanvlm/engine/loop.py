@@ -329,7 +329,9 @@ class Engine:
         last_is_visual = candidates.gather(1, last.clamp_min(0))[:, 0]
         candidates = candidates & (slots != last)
         wanted = torch.tensor([stage.keep(n) for n in call.visual_counts], device=hidden.device)
-        wanted = (wanted - last_is_visual.long()).clamp_min(0)  # the kept last token counts against the budget
+        wanted = (wanted - last_is_visual.long()).clamp_min(
+            0
+        )  # the kept last token counts against the budget
         keep = topk_keep(scores, candidates, torch.minimum(wanted, candidates.sum(-1)))
         if bool(keep.all()):
             return hidden, s
