@@ -1,7 +1,9 @@
 """Tiny models built from configs for the method x adapter matrix, and their inputs.
 
-Each adapter entry builds a model with random weights plus a function that turns a list of
-(prompt text, number of images) into processor outputs, left-padded.
+Each adapter entry builds a model with random weights and its processor (for Qwen-VL a stand-in
+that expands placeholders and adds mm_token_type_ids, since the real processor class needs
+torchvision). Inputs are left-padded batches of (prompt text, number of images); image sizes
+differ per prompt so that AnyRes / dynamic-resolution models get different visual counts per sample.
 """
 
 from __future__ import annotations
@@ -10,16 +12,26 @@ import functools
 
 import torch
 
-from leanvlm.presets import demo_image, tiny_llava
+from leanvlm.presets import build_preset, demo_image
+from leanvlm.registry import find_adapter
 
-ADAPTERS = ["llava"]
+ADAPTERS = ["llava", "llava-next", "qwen2-vl", "qwen2.5-vl"]
+PRESET = {
+    "llava": "tiny",
+    "llava-next": "tiny-llava-next",
+    "qwen2-vl": "tiny-qwen2-vl",
+    "qwen2.5-vl": "tiny-qwen2.5-vl",
+}
 
 
 @functools.cache
-def _llava(attn: str, num_layers: int, image_size: int):
+def _build(adapter: str, attn: str, num_layers: int, image_size: int | None):
+    shape = {"num_layers": num_layers}
+    if image_size is not None:
+        shape["image_size"] = image_size
+    model, proc = build_preset(PRESET[adapter], attn_implementation=attn, seed=0, **shape)
     # A larger init spread than the default 0.02 makes attention less uniform, so rankings are
     # decided by clear margins rather than by float noise.
-    model, proc = tiny_llava(num_layers=num_layers, image_size=image_size, attn_implementation=attn, seed=0)
     torch.manual_seed(1)
     with torch.no_grad():
         for name, p in model.model.language_model.named_parameters():
@@ -28,10 +40,8 @@ def _llava(attn: str, num_layers: int, image_size: int):
     return model, proc
 
 
-def build(adapter: str, attn: str = "sdpa", num_layers: int = 5, image_size: int = 56):
-    if adapter == "llava":
-        return _llava(attn, num_layers, image_size)
-    raise KeyError(adapter)
+def build(adapter: str, attn: str = "sdpa", num_layers: int = 5, image_size: int | None = None):
+    return _build(adapter, attn, num_layers, image_size)
 
 
 def chat_prompt(proc, text: str, n_images: int) -> str:
@@ -39,13 +49,23 @@ def chat_prompt(proc, text: str, n_images: int) -> str:
     return proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
-def make_inputs(proc, items: list[tuple[str, int]], image_size: int = 56):
+def image_for(text: str, j: int, size: int | None):
+    """Each image is fixed by its prompt, so a sample gets the same pixels alone and in a batch."""
+    seed = sum(map(ord, text)) + j
+    side = size or (56, 84, 112)[seed % 3]
+    return demo_image(side, seed=seed)
+
+
+def make_inputs(proc, items: list[tuple[str, int]], image_size: int | None = None):
     """items: (text, n_images) per sample. Returns a left-padded batch."""
     texts = [chat_prompt(proc, t, k) for t, k in items]
-    # Each image is fixed by its prompt, so a sample gets the same pixels alone and in a batch.
-    images = [demo_image(image_size, seed=sum(map(ord, t)) + j) for t, k in items for j in range(k)]
+    images = [image_for(t, j, image_size) for t, k in items for j in range(k)]
     kwargs = {"images": images} if images else {}
     return proc(text=texts, padding=True, return_tensors="pt", **kwargs)
+
+
+def visual_counts(model, inputs) -> list[int]:
+    return find_adapter(model).visual_mask(inputs["input_ids"], None).sum(-1).tolist()
 
 
 PROMPTS = [

@@ -40,7 +40,8 @@ class TextShape:
 
 @dataclass(frozen=True)
 class VisionShape:
-    """A ViT: ``tokens`` is the sequence length through the tower per image (patches + CLS)."""
+    """A ViT. ``tokens``: sequence length through the tower per image (patches + CLS), 0 when it
+    depends on the image (then the caller passes the real sequence lengths)."""
 
     layers: int
     hidden: int
@@ -48,6 +49,9 @@ class VisionShape:
     tokens: int
     patch_size: int
     channels: int = 3
+    temporal_patch: int = 1  # frames per patch (Qwen2-VL's 3-D patch embedding)
+    mlp_matrices: int = 2  # 3 for a gated MLP
+    has_cls: bool = True
 
 
 @dataclass(frozen=True)
@@ -81,15 +85,13 @@ def ffn_flops(t: TextShape, n: int) -> int:
     return 2 * 3 * n * t.hidden * t.intermediate
 
 
-def vision_flops(v: VisionShape) -> int:
-    """One image through the tower (patch embedding + transformer layers)."""
-    patches = v.tokens - 1
-    embed = 2 * patches * v.channels * v.patch_size**2 * v.hidden
-    per_layer = (
-        2 * v.tokens * 4 * v.hidden**2
-        + 2 * 2 * v.tokens**2 * v.hidden
-        + 2 * 2 * v.tokens * v.hidden * v.intermediate
-    )
+def vision_flops(v: VisionShape, tokens: int | None = None) -> int:
+    """One sequence of ``tokens`` (default ``v.tokens``) through the tower: patch embedding + layers."""
+    n = v.tokens if tokens is None else tokens
+    patches = n - 1 if v.has_cls else n
+    embed = 2 * patches * v.channels * v.temporal_patch * v.patch_size**2 * v.hidden
+    mlp = 2 * v.mlp_matrices * n * v.hidden * v.intermediate
+    per_layer = 2 * n * 4 * v.hidden**2 + 2 * 2 * n**2 * v.hidden + mlp
     return embed + v.layers * per_layer
 
 
@@ -209,8 +211,12 @@ def report(
     *,
     images: int,
     dtype_bytes: int = 2,
+    vision_sequences: list[int] | None = None,
 ) -> FlopsReport:
-    """FLOPs of one sample's prefill given what each layer processed (tokens incl. visual)."""
+    """FLOPs of one sample's prefill given what each layer processed (tokens incl. visual).
+
+    ``vision_sequences``: the length of every sequence the vision tower ran (one per image, or per
+    crop / tile); by default ``images`` sequences of the shape's fixed length."""
     t = shape.text
     if len(tokens_per_layer) != t.num_layers or len(visual_per_layer) != t.num_layers:
         raise ValueError(
@@ -232,7 +238,12 @@ def report(
         attention_projection_flops(t, 1) + attention_score_flops(t, 1, n + 1) + ffn_flops(t, 1)
         for n in tokens_per_layer
     ) + lm_head_flops(t)
-    vision = images * vision_flops(shape.vision) if shape.vision is not None else 0
+    if shape.vision is None:
+        vision = 0
+    elif vision_sequences is not None:
+        vision = sum(vision_flops(shape.vision, n) for n in vision_sequences)
+    else:
+        vision = images * vision_flops(shape.vision)
     return FlopsReport(
         shape=shape,
         layers=layers,
@@ -250,14 +261,24 @@ def kv_cache_bytes(t: TextShape, kv_per_layer: list[int], dtype_bytes: int) -> i
     return sum(2 * n * t.kv_heads * t.head_dim * dtype_bytes for n in kv_per_layer)
 
 
-def from_trace(shape: ModelShape, trace, sample: int = 0, *, images: int | None = None, dtype_bytes: int = 2):
+def from_trace(
+    shape: ModelShape,
+    trace,
+    sample: int = 0,
+    *,
+    images: int | None = None,
+    dtype_bytes: int = 2,
+    vision_sequences: list[int] | None = None,
+):
     """The report for one sample of an engine trace (what each layer really processed)."""
     tokens = trace.tokens_per_layer[sample]
     visual = trace.visual_per_layer[sample]
     if images is None:
         per_image = shape.visual_tokens_per_image
-        images = visual[0] // per_image if per_image else 0
-    return report(shape, tokens, visual, images=images, dtype_bytes=dtype_bytes)
+        images = visual[0] // per_image if per_image else len(vision_sequences or ())
+    return report(
+        shape, tokens, visual, images=images, dtype_bytes=dtype_bytes, vision_sequences=vision_sequences
+    )
 
 
 def schedule_counts(method, num_layers: int, n_visual: int, n_text: int) -> tuple[list[int], list[int]]:

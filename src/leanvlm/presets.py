@@ -9,7 +9,20 @@ import warnings
 
 import torch
 
-SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+SPECIAL_TOKENS = [
+    "<unk>",
+    "<s>",
+    "</s>",
+    "<pad>",
+    "<image>",
+    "<video>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|im_start|>",
+    "<|im_end|>",
+]
 
 _CORPUS = [
     "USER: What is shown in this image? ASSISTANT: A cat sitting on a red chair next to a window.",
@@ -106,14 +119,118 @@ def llava_config(
     )
 
 
+def qwen_vl_config(
+    family: str,
+    *,
+    vocab_size: int,
+    tokenizer,
+    num_layers: int = 4,
+    hidden: int = 64,
+    intermediate: int = 128,
+    heads: int = 4,
+    kv_heads: int = 2,
+    vision_depth: int = 2,
+    vision_hidden: int = 32,
+    vision_intermediate: int = 64,
+    vision_heads: int = 4,
+    mrope_section: tuple[int, int, int] | None = None,
+    max_position_embeddings: int = 32768,
+    **_ignored,
+):
+    """Qwen2-VL (``family="qwen2-vl"``) or Qwen2.5-VL (``"qwen2.5-vl"``) config."""
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+
+    head_dim = hidden // heads
+    if mrope_section is None:
+        t = head_dim // 2 // 4
+        mrope_section = (t, (head_dim // 2 - t) // 2, head_dim // 2 - t - (head_dim // 2 - t) // 2)
+    text = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": list(mrope_section)},
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    common = dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, num_heads=vision_heads)
+    if family == "qwen2-vl":
+        vision = dict(
+            depth=vision_depth,
+            embed_dim=vision_hidden,
+            hidden_size=hidden,
+            mlp_ratio=vision_intermediate // vision_hidden,
+            **common,
+        )
+        cls = Qwen2VLConfig
+    else:
+        last = vision_depth - 1
+        vision = dict(
+            depth=vision_depth,
+            hidden_size=vision_hidden,
+            intermediate_size=vision_intermediate,
+            out_hidden_size=hidden,
+            window_size=112,
+            fullatt_block_indexes=sorted({last, *range(7, vision_depth, 8)}),
+            **common,
+        )
+        cls = Qwen2_5_VLConfig
+    ids = tokenizer.convert_tokens_to_ids
+    return cls(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
+
+
+def llava_next_config(*, vocab_size: int, tokenizer, image_size: int = 56, pinpoints=None, **shape):
+    from transformers import LlavaNextConfig
+
+    base = llava_config(
+        vocab_size=vocab_size,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        image_size=image_size,
+        pad_token_id=tokenizer.pad_token_id,
+        **shape,
+    )
+    s = image_size
+    return LlavaNextConfig(
+        vision_config=base.vision_config,
+        text_config=base.text_config,
+        image_token_id=base.image_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_grid_pinpoints=pinpoints or [[s, s], [s, 2 * s], [2 * s, s], [2 * s, 2 * s]],
+    )
+
+
 _CLIP_L_336 = dict(
     vision_hidden=1024, vision_intermediate=4096, vision_layers=24, vision_heads=16, image_size=336
 )
+_QWEN25_VIT = dict(vision_depth=32, vision_hidden=1280, vision_intermediate=3420, vision_heads=16)
 
-#: Model shapes with random weights. ``vocab_size`` None means the built-in tokenizer's size.
+#: Model shapes with random weights: ``family`` picks the model class, the rest is its shape.
+#: ``vocab_size`` None means the built-in tokenizer's size.
 PRESETS: dict[str, dict] = {
-    "tiny": dict(num_layers=4, hidden=64, intermediate=128, heads=4, kv_heads=2, image_size=56),
+    "tiny": dict(
+        family="llava", num_layers=4, hidden=64, intermediate=128, heads=4, kv_heads=2, image_size=56
+    ),
+    "tiny-llava-next": dict(
+        family="llava-next", num_layers=4, hidden=64, intermediate=128, heads=4, kv_heads=2, image_size=56
+    ),
+    "tiny-qwen2-vl": dict(family="qwen2-vl", num_layers=4, hidden=64, intermediate=128, heads=4, kv_heads=2),
+    "tiny-qwen2.5-vl": dict(
+        family="qwen2.5-vl", num_layers=4, hidden=64, intermediate=128, heads=4, kv_heads=2
+    ),
     "demo": dict(
+        family="llava",
         num_layers=8,
         hidden=256,
         intermediate=688,
@@ -124,6 +241,7 @@ PRESETS: dict[str, dict] = {
         vision_layers=1,
     ),
     "bench-cpu": dict(
+        family="llava",
         num_layers=32,
         hidden=256,
         intermediate=688,
@@ -135,36 +253,115 @@ PRESETS: dict[str, dict] = {
         vocab_size=32064,
     ),
     "llava-1.5-7b": dict(
-        num_layers=32, hidden=4096, intermediate=11008, heads=32, kv_heads=32, vocab_size=32064, **_CLIP_L_336
+        family="llava",
+        num_layers=32,
+        hidden=4096,
+        intermediate=11008,
+        heads=32,
+        kv_heads=32,
+        vocab_size=32064,
+        **_CLIP_L_336,
     ),
     "llava-1.5-13b": dict(
-        num_layers=40, hidden=5120, intermediate=13824, heads=40, kv_heads=40, vocab_size=32064, **_CLIP_L_336
+        family="llava",
+        num_layers=40,
+        hidden=5120,
+        intermediate=13824,
+        heads=40,
+        kv_heads=40,
+        vocab_size=32064,
+        **_CLIP_L_336,
+    ),
+    "llava-next-7b": dict(
+        family="llava-next",
+        num_layers=32,
+        hidden=4096,
+        intermediate=11008,
+        heads=32,
+        kv_heads=32,
+        vocab_size=32064,
+        pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+        **_CLIP_L_336,
+    ),
+    "qwen2.5-vl-7b": dict(
+        family="qwen2.5-vl",
+        num_layers=28,
+        hidden=3584,
+        intermediate=18944,
+        heads=28,
+        kv_heads=4,
+        vocab_size=152064,
+        mrope_section=(16, 24, 24),
+        image_size=448,
+        **_QWEN25_VIT,
     ),
 }
 PRESET_HELP = {
     "tiny": "4-layer LLaVA, 16 visual tokens (tests)",
+    "tiny-llava-next": "4-layer LLaVA-NeXT (tests)",
+    "tiny-qwen2-vl": "4-layer Qwen2-VL (tests)",
+    "tiny-qwen2.5-vl": "4-layer Qwen2.5-VL (tests)",
     "demo": "8-layer hidden-256 LLaVA with LLaVA-1.5's 576 visual tokens",
     "bench-cpu": "32-layer hidden-256 LLaVA with 576 visual tokens (default bench model)",
     "llava-1.5-7b": "LLaVA-1.5-7B shape (Vicuna-7B + CLIP ViT-L/14-336)",
     "llava-1.5-13b": "LLaVA-1.5-13B shape (Vicuna-13B + CLIP ViT-L/14-336)",
+    "llava-next-7b": "LLaVA-NeXT-7B shape (Vicuna-7B + CLIP ViT-L/14-336, AnyRes up to 672x672)",
+    "qwen2.5-vl-7b": "Qwen2.5-VL-7B shape (28 layers, GQA 28/4, 32-layer window-attention ViT)",
+}
+
+_MODEL_CLASSES = {
+    "llava": "LlavaForConditionalGeneration",
+    "llava-next": "LlavaNextForConditionalGeneration",
+    "qwen2-vl": "Qwen2VLForConditionalGeneration",
+    "qwen2.5-vl": "Qwen2_5_VLForConditionalGeneration",
 }
 
 
-def preset_config(name: str, tokenizer=None, **overrides):
-    """The config of preset ``name`` (no weights), using the built-in tokenizer's special-token ids."""
+def _preset_spec(name: str, overrides: dict) -> dict:
     from .errors import ConfigError
 
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    return {**PRESETS[name], **overrides}
+
+
+def preset_config(name: str, tokenizer=None, **overrides):
+    """The config of preset ``name`` (no weights), using the built-in tokenizer's special-token ids."""
+    spec = _preset_spec(name, overrides)
+    family = spec.pop("family")
     tokenizer = tokenizer or build_tokenizer()
-    spec = {**PRESETS[name], **overrides}
     vocab = spec.pop("vocab_size", None) or len(tokenizer)
-    return llava_config(
-        vocab_size=vocab,
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        pad_token_id=tokenizer.pad_token_id,
-        **spec,
-    )
+    if family == "llava":
+        return llava_config(
+            vocab_size=vocab,
+            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+            pad_token_id=tokenizer.pad_token_id,
+            **spec,
+        )
+    if family == "llava-next":
+        return llava_next_config(vocab_size=vocab, tokenizer=tokenizer, **spec)
+    return qwen_vl_config(family, vocab_size=vocab, tokenizer=tokenizer, **spec)
+
+
+def preset_processor(name: str, tokenizer, **overrides):
+    """A processor for preset ``name`` built offline (a stand-in for the Qwen processors, see qwen_inputs)."""
+    spec = _preset_spec(name, overrides)
+    family = spec["family"]
+    if family == "llava":
+        return llava_processor(tokenizer, image_size=spec.get("image_size", 56))
+    if family == "llava-next":
+        return llava_next_processor(tokenizer, preset_config(name, tokenizer, **overrides))
+    from transformers import Qwen2VLImageProcessor
+
+    from .qwen_inputs import QwenVLInputs
+
+    side = spec.get("image_size", 112)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        image_processor = Qwen2VLImageProcessor(
+            min_pixels=56 * 56, max_pixels=side * side, patch_size=14, merge_size=2, temporal_patch_size=2
+        )
+    return QwenVLInputs(tokenizer, image_processor)
 
 
 def build_preset(
@@ -178,23 +375,27 @@ def build_preset(
 ):
     """A model of preset ``name`` with random weights, created directly on ``device`` (no full-size CPU
     copy), and a processor for it."""
-    from transformers import LlavaForConditionalGeneration
+    import transformers
 
     tokenizer = build_tokenizer()
     cfg = preset_config(name, tokenizer, **overrides)
+    model_cls = getattr(transformers, _MODEL_CLASSES[_preset_spec(name, overrides)["family"]])
     torch.manual_seed(seed)
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = LlavaForConditionalGeneration(cfg)
+            model = model_cls(cfg)
     finally:
         torch.set_default_dtype(default_dtype)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     set_attention(model, attn_implementation)
     model.eval()
-    v = cfg.vision_config
-    return model, llava_processor(tokenizer, image_size=v.image_size, patch_size=v.patch_size)
+    return model, preset_processor(name, tokenizer, **overrides)
+
+
+def preset_model_class(name: str) -> str:
+    return _MODEL_CLASSES[_preset_spec(name, {})["family"]]
 
 
 def llava_processor(tokenizer, image_size: int = 56, patch_size: int = 14):
@@ -210,6 +411,27 @@ def llava_processor(tokenizer, image_size: int = 56, patch_size: int = 14):
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def llava_next_processor(tokenizer, config):
+    from transformers import LlavaNextImageProcessor, LlavaNextProcessor
+
+    v = config.vision_config
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        image_processor = LlavaNextImageProcessor(
+            size={"shortest_edge": v.image_size},
+            crop_size={"height": v.image_size, "width": v.image_size},
+            image_grid_pinpoints=config.image_grid_pinpoints,
+        )
+    return LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=v.patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
         chat_template=CHAT_TEMPLATE,

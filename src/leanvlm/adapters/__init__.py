@@ -2,5 +2,7 @@
 
 from .base import Adapter
 from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter
+from .qwen2_vl import QwenVLAdapter
 
-__all__ = ["Adapter", "LlavaAdapter"]
+__all__ = ["Adapter", "LlavaAdapter", "LlavaNextAdapter", "QwenVLAdapter"]

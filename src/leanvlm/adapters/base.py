@@ -78,11 +78,18 @@ class Adapter:
             vocab=text_config.vocab_size,
         )
 
+    def vision_sequences(self, inputs, sample: int = 0) -> list[int] | None:
+        """Lengths of the sequences the vision tower ran for ``sample`` (for FLOPs), or None when every
+        image gives the shape's fixed length."""
+        return None
+
     # --- questions the visualisation asks -------------------------------------------------------------
     def image_grids(self, inputs) -> list[tuple[int, int]]:
         """(rows, cols) of visual tokens of each image of the batch, in order; their tokens are
         consecutive in raster order inside the sample's visual tokens."""
-        raise NotImplementedError
+        raise UnsupportedModelError(
+            f"leanvlm viz supports LlavaForConditionalGeneration; not {type(self.model).__name__} yet"
+        )
 
     def model_view(self, inputs, processor) -> list:
         """The images as the model saw them (after resizing / cropping), as PIL images."""

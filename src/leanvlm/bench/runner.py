@@ -187,7 +187,9 @@ def _row(model, inputs, config: BenchConfig, s: Samples, settings: Settings, sha
         (layer.keys.numel() + layer.values.numel()) * layer.keys.element_size()
         for layer in out.past_key_values.layers
     )
-    report = flops_mod.from_trace(shape, trace, dtype_bytes=dtype_bytes)
+    report = flops_mod.from_trace(
+        shape, trace, dtype_bytes=dtype_bytes, vision_sequences=handle.adapter.vision_sequences(inputs)
+    )
     prefill_ms = statistics.median(s.prefill_ms)
     ttft_ms = statistics.median(s.ttft_ms)
     decode_ms = statistics.median(s.decode_ms)

@@ -71,7 +71,11 @@ class Engine:
         n_layers = adapter.num_layers
         self.trace = Trace(num_layers=n_layers)
         self.stages = [] if method is None or method.is_noop else method.drop_stages(n_layers)
-        self.positions = getattr(method, "positions", "original")
+        self.positions = (
+            method.resolved_positions(adapter.supports_compact_positions)
+            if method is not None
+            else "original"
+        )
         self.query = getattr(method, "query", "last")
         self.stage_of_layer = [sum(s.layer <= i for s in self.stages) for i in range(n_layers)]
         self.score_at: dict[int, list[int]] = {}
@@ -298,7 +302,8 @@ class Engine:
         s = call.state
         kwargs["attention_mask"] = self._prefill_mask(kwargs.get("attention_mask"), s, call)
         kwargs["position_embeddings"] = (s.cos, s.sin)
-        kwargs["position_ids"] = s.pos
+        if kwargs.get("position_ids") is not None:  # models that pass none (Qwen-VL) keep passing none
+            kwargs["position_ids"] = s.pos
         return self._set_hidden(args, kwargs, hidden)
 
     def _score(self, layer_idx: int, hidden: torch.Tensor, s: TokenState, prompt_len: int) -> torch.Tensor:
@@ -402,6 +407,7 @@ class Engine:
                 pos = expand_positions(kwargs.get("position_ids"), b, n, hidden.device) - m.shift[:, None]
                 call.rope[stage] = (pos, self.adapter.rotary(hidden, pos))
             pos, rope = call.rope[stage]
-            kwargs["position_ids"] = pos
+            if kwargs.get("position_ids") is not None:
+                kwargs["position_ids"] = pos
             kwargs["position_embeddings"] = rope
         return args, kwargs

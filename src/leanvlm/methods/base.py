@@ -9,7 +9,7 @@ from typing import ClassVar
 
 from ..errors import ConfigError
 
-POSITIONS = ("original", "compact")
+POSITIONS = ("auto", "original", "compact")
 QUERIES = ("last", "text")
 
 
@@ -38,6 +38,8 @@ class Method:
     """
 
     name: ClassVar[str]
+    #: what positions="auto" means where the model allows it (the reference code's choice)
+    reference_positions: ClassVar[str] = "original"
     stage: ClassVar[str] = "llm"
     needs_scores: ClassVar[bool] = False
     changes_length: ClassVar[bool] = True
@@ -61,6 +63,12 @@ class Method:
     def at_budget(cls, budget: float, num_layers: int) -> Method:
         """A setting whose layer-averaged visual tokens are ``budget`` of the input's (matched budgets)."""
         raise NotImplementedError
+
+    def resolved_positions(self, compact_allowed: bool) -> str:
+        """ "auto" -> the reference's choice, or "original" where the model's RoPE ids can not be renumbered."""
+        if self.positions != "auto":
+            return self.positions
+        return self.reference_positions if compact_allowed else "original"
 
     def check_model(self, num_layers: int) -> None:
         """Checks that need the model (raise ConfigError); run by ``apply`` before anything is installed."""

@@ -26,8 +26,8 @@ class FastV(Method):
             tokens. Default 0.5. No-op: 1.0.
         keep_tokens: keep exactly this many visual tokens per sample (>= 0) instead of a ratio.
         query: "last" (the reference code) or "text" (the mean over text tokens, as the paper states).
-        positions: "original" (default, as the reference: kept tokens keep their RoPE positions) or
-            "compact" (re-numbered 0..n-1 after the drop).
+        positions: "auto" (default: "original", as the reference: kept tokens keep their RoPE
+            positions), "original", or "compact" (re-numbered 0..n-1 after the drop; not on M-RoPE models).
 
     Differences from the reference:
         - The ranking attention is recomputed from layer K-1's own norm, q/k projections and RoPE for
@@ -44,9 +44,10 @@ class FastV(Method):
     keep_ratio: float = 0.5
     keep_tokens: int | None = None
     query: str = "last"
-    positions: str = "original"
+    positions: str = "auto"
 
     needs_scores = True
+    reference_positions = "original"
 
     def __post_init__(self):
         if not isinstance(self.layer, int) or isinstance(self.layer, bool):

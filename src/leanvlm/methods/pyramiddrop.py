@@ -28,8 +28,9 @@ class PyramidDrop(Method):
         keep_ratios: fraction of the original visual tokens kept from each layer on, each in (0, 1] and
             non-increasing; ``int(N * ratio)`` tokens. Default (0.5, 0.25, 0.125). No-op: all 1.0.
         query: "last" (default; the last prompt token, as the reference at inference) or "text".
-        positions: "compact" (default, as the reference: positions re-numbered 0..n-1 after each drop,
-            decode positions shifted by what each stage dropped) or "original".
+        positions: "auto" (default: "compact" as the reference, i.e. positions re-numbered 0..n-1 after
+            each drop and decode positions shifted by what each stage dropped; "original" on M-RoPE
+            models such as Qwen2-VL, whose (t, h, w) ids can not be renumbered), "compact" or "original".
 
     Differences from the reference:
         - Works with left-padded batches at inference and with any number of images per prompt
@@ -41,9 +42,10 @@ class PyramidDrop(Method):
     layers: tuple[int, ...] = (8, 16, 24)
     keep_ratios: tuple[float, ...] = (0.5, 0.25, 0.125)
     query: str = "last"
-    positions: str = "compact"
+    positions: str = "auto"
 
     needs_scores = True
+    reference_positions = "compact"
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(self.layers))

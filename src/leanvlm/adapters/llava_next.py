@@ -1,0 +1,51 @@
+import dataclasses
+
+import torch
+
+from ..flops import ModelShape
+from ..registry import register_adapter
+from .base import Adapter
+from .llava import LlavaAdapter
+
+
+@register_adapter
+class LlavaNextAdapter(LlavaAdapter):
+    """LLaVA-NeXT (``LlavaNextForConditionalGeneration``): AnyRes. Each image is a base view plus
+    high-resolution tiles, unpadded, with an ``image_newline`` token closing every row of the tile
+    grid, so the number of visual tokens varies per image and per sample.
+
+    All placeholder positions count as visual tokens, newline tokens included: they can be dropped
+    like any other, as PyramidDrop's reference code does on LLaVA-NeXT."""
+
+    name = "llava-next"
+    model_classes = ("LlavaNextForConditionalGeneration",)
+
+    @classmethod
+    def model_shape(cls, config) -> ModelShape:
+        return dataclasses.replace(super().model_shape(config), visual_tokens_per_image=0)  # AnyRes: varies
+
+    def vision_sequences(self, inputs, sample: int = 0) -> list[int]:
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        cfg = self.model.config
+        v = cfg.vision_config
+        tokens = (v.image_size // v.patch_size) ** 2 + 1
+        sizes = inputs["image_sizes"]
+        per_sample = self._images_per_sample(inputs)
+        start = sum(per_sample[:sample])
+        crops = [
+            image_size_to_num_patches(
+                image_size=sizes[i].tolist(), grid_pinpoints=cfg.image_grid_pinpoints, patch_size=v.image_size
+            )
+            for i in range(start, start + per_sample[sample])
+        ]
+        return [tokens] * sum(crops)
+
+    def _images_per_sample(self, inputs) -> list[int]:
+        token = self.model.config.image_token_id
+        ids = inputs["input_ids"]
+        # every image's placeholder run starts right after a non-placeholder token
+        starts = (ids == token) & torch.nn.functional.pad(ids != token, (1, 0), value=True)[:, :-1]
+        return starts.sum(-1).tolist()
+
+    image_grids = Adapter.image_grids  # AnyRes tiles are not drawn yet: refused with a clear error

@@ -1,0 +1,76 @@
+import torch
+
+from ..errors import UnsupportedModelError
+from ..flops import ModelShape, VisionShape
+from ..registry import register_adapter
+from .base import Adapter
+
+
+@register_adapter
+class QwenVLAdapter(Adapter):
+    """Qwen2-VL and Qwen2.5-VL (``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``).
+
+    Visual tokens are the ``<|image_pad|>`` and ``<|video_pad|>`` positions (video frames count as
+    visual tokens); their number follows each image's size. Positions are M-RoPE ids (t, h, w): the
+    rotary tables the text model hands to its layers already merge the three sections, so kept
+    tokens keep their own rotation by gathering those tables, and the ids themselves can not be
+    renumbered (``positions="compact"`` is refused). Decode positions come from transformers'
+    ``rope_deltas`` and layer 0's cache length, both in original coordinates.
+    Inputs need ``mm_token_type_ids`` (the processors return it); without it Qwen2.5-VL silently
+    falls back to 1-D positions.
+    """
+
+    name = "qwen2-vl"
+    model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+    supports_compact_positions = False
+
+    def _visual_ids(self) -> list[int]:
+        cfg = self.model.config
+        return [i for i in (cfg.image_token_id, getattr(cfg, "video_token_id", None)) if i is not None]
+
+    def visual_mask(self, input_ids, inputs_embeds):
+        ids = self._visual_ids()
+        if input_ids is not None:
+            return torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
+        table = self.model.get_input_embeddings()
+        mask = torch.zeros(inputs_embeds.shape[:2], dtype=torch.bool, device=inputs_embeds.device)
+        for i in ids:
+            mask |= (inputs_embeds == table(torch.tensor(i, device=inputs_embeds.device))).all(-1)
+        return mask
+
+    @classmethod
+    def model_shape(cls, config) -> ModelShape:
+        v, t = config.vision_config, config.text_config
+        merge = v.spatial_merge_size**2
+        if hasattr(v, "embed_dim"):  # Qwen2-VL: plain MLP, merger projects to the text width
+            width, inter, mlp, out = v.embed_dim, v.embed_dim * v.mlp_ratio, 2, v.hidden_size
+        else:  # Qwen2.5-VL: gated MLP
+            width, inter, mlp, out = v.hidden_size, v.intermediate_size, 3, v.out_hidden_size
+        vision = VisionShape(
+            layers=v.depth,
+            hidden=width,
+            intermediate=inter,
+            tokens=0,
+            patch_size=v.patch_size,
+            channels=v.in_channels,
+            temporal_patch=v.temporal_patch_size,
+            mlp_matrices=mlp,
+            has_cls=False,
+        )
+        projector = ((width * merge, width * merge), (width * merge, out))
+        return ModelShape(cls.name, cls.text_shape(t), vision, projector, 0)
+
+    def vision_sequences(self, inputs, sample: int = 0) -> list[int]:
+        # Window attention in Qwen2.5-VL's tower is counted as full attention over each image (an over-count).
+        grids = []
+        for key in ("image_grid_thw", "video_grid_thw"):
+            if inputs.get(key) is not None:
+                grids += inputs[key].prod(-1).tolist()
+        if inputs["input_ids"].shape[0] != 1:
+            raise UnsupportedModelError("vision FLOPs of Qwen-VL inputs are counted for batch size 1")
+        return grids
+
+    def model_view(self, inputs, processor):
+        raise UnsupportedModelError(
+            "leanvlm viz supports LlavaForConditionalGeneration; Qwen-VL pixels arrive as flattened patches"
+        )
