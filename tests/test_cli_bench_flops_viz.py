@@ -220,3 +220,37 @@ def test_viz_writes_one_png_per_stage(capsys, tmp_path):
 def test_viz_refuses_no_method(capsys, tmp_path):
     code, _, err = run_cli(capsys, "viz", "--preset", "tiny", "--method", "none", "--out", str(tmp_path))
     assert code == 2 and "--method none drops nothing" in err
+
+
+@pytest.mark.parametrize("preset", ["tiny-llava-next", "tiny-qwen2.5-vl"])
+def test_bench_runs_on_other_adapters(capsys, tmp_path, preset):
+    out = tmp_path / "bench.json"
+    code, _, _ = run_cli(
+        capsys,
+        "bench",
+        "--preset",
+        preset,
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--new-tokens",
+        "2",
+        "--budgets",
+        "default",
+        "--methods",
+        "fastv",
+        "--out",
+        str(out),
+        "--no-progress",
+    )
+    assert code == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["config"] for r in rows] == [
+        "none (unmodified model)",
+        "none (leanvlm, no method)",
+        "fastv @ default",
+    ]
+    assert rows[2]["visual_tokens_kept"] == rows[0]["visual_tokens_in"] // 4
+    assert rows[2]["kv_bytes"] == rows[2]["kv_bytes_analytic"]
+    assert rows[0]["prefill_flops"] > rows[2]["prefill_flops"]

@@ -17,7 +17,10 @@ import leanvlm as lv
         (lambda: lv.FastV(layer=2.5), r"FastV: layer=2\.5 must be an int >= 1"),
         (lambda: lv.FastV(keep_tokens=-3), r"FastV: keep_tokens=-3 must be an int >= 0"),
         (lambda: lv.FastV(query="first"), r"FastV: query='first' is not one of 'last', 'text'"),
-        (lambda: lv.FastV(positions="shifted"), r"positions='shifted' is not one of 'auto', 'original', 'compact'"),
+        (
+            lambda: lv.FastV(positions="shifted"),
+            r"positions='shifted' is not one of 'auto', 'original', 'compact'",
+        ),
         (
             lambda: lv.PyramidDrop(layers=(8, 8, 24)),
             r"layers=\(8, 8, 24\) must be strictly increasing \(8 then 8\)",
