@@ -18,10 +18,13 @@ METHODS = {
     "pdrop-original-text": lv.PyramidDrop(
         layers=(2, 4), keep_ratios=(0.75, 0.25), positions="original", query="text"
     ),
+    "vcc": lv.VisualContextCompression(layer=2, stride=4),
+    "vcc-2d-first": lv.VisualContextCompression(layer=1, stride=4, pool="2d", merge_position="first"),
 }
 NOOPS = {
     "fastv": lv.FastV(layer=2, keep_ratio=1.0),
     "pdrop": lv.PyramidDrop(layers=(1, 2, 3), keep_ratios=(1.0, 1.0, 1.0)),
+    "vcc": lv.VisualContextCompression(layer=2, stride=1),
 }
 
 matrix = pytest.mark.parametrize("adapter", ADAPTERS)
@@ -38,6 +41,24 @@ def _skip_unsupported(request):
     method, adapter = params.params.get("method"), params.params.get("adapter")
     if adapter in MROPE and getattr(method, "positions", None) == "compact":
         pytest.skip("positions='compact' is refused on M-RoPE models")
+    if adapter != "llava" and getattr(method, "pool", None) == "2d":
+        pytest.skip("2-D pooling needs a fixed grid (tested to raise in test_llavolta.py)")
+
+
+def image_runs(model, inputs) -> list[list[int]]:
+    """Per sample, the length of each run of consecutive visual tokens (one run per image)."""
+    mask = lv.registry.find_adapter(model).visual_mask(inputs["input_ids"], None).tolist()
+    out = []
+    for row in mask:
+        runs, n = [], 0
+        for v in [*row, False]:
+            if v:
+                n += 1
+            elif n:
+                runs.append(n)
+                n = 0
+        out.append(runs)
+    return out
 
 
 def last_logits(model, inputs, **kw):
@@ -199,6 +220,8 @@ def masking_oracle(model, inputs, trace, method):
 @matrix
 @methods
 def test_gather_equals_masking_oracle(adapter, method):
+    if not method.needs_scores:
+        pytest.skip("merging is not dropping: its own tests check the pooled states (test_llavolta.py)")
     model, proc = build(adapter, "eager", num_layers=NUM_LAYERS)
     inputs = make_inputs(proc, PROMPTS)
     with lv.apply(model, method) as applied:
@@ -219,11 +242,13 @@ def test_trace_counts_follow_schedule(adapter, method):
         last_logits(model, inputs)
         trace = applied.trace
     lengths = inputs["attention_mask"].sum(-1).tolist()
+    runs = image_runs(model, inputs)
     for b, n_vis in enumerate(visual_counts(model, inputs)):
         expected = [n_vis] * NUM_LAYERS
         for stage in method.drop_stages(NUM_LAYERS):
+            kept = sum(-(-r // stage.stride) for r in runs[b]) if stage.kind == "merge" else stage.keep(n_vis)
             for layer in range(stage.layer, NUM_LAYERS):
-                expected[layer] = stage.keep(n_vis)
+                expected[layer] = kept
         assert trace.visual_per_layer[b] == expected
         assert trace.tokens_per_layer[b] == [lengths[b] - n_vis + v for v in expected]
 

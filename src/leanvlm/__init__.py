@@ -3,7 +3,7 @@
 from . import adapters as _adapters  # noqa: F401  (registers the adapters)
 from .api import Applied, apply, last_report, remove
 from .errors import ConfigError, IncompatibleMethodsError, LeanVLMError, UnsupportedModelError
-from .methods import FastV, Method, PyramidDrop
+from .methods import FastV, Method, PyramidDrop, VisualContextCompression
 from .registry import METHODS
 
 __version__ = "0.1.0"
@@ -18,6 +18,7 @@ __all__ = [
     "Method",
     "PyramidDrop",
     "UnsupportedModelError",
+    "VisualContextCompression",
     "apply",
     "last_report",
     "remove",

@@ -70,11 +70,7 @@ def apply(model, *methods: Method) -> Applied:
         )
     for m in methods:
         m.check_model(adapter.num_layers)
-        if getattr(m, "positions", None) == "compact" and not adapter.supports_compact_positions:
-            raise ConfigError(
-                f"{type(m).__name__}: positions='compact' is not possible on {type(model).__name__} "
-                "(its RoPE ids encode layout); use positions='original'"
-            )
+        m.check_adapter(adapter)
     impl = adapter.attn_implementation
     if llm and impl not in SUPPORTED_ATTENTION:
         raise UnsupportedModelError(

@@ -287,7 +287,10 @@ def schedule_counts(method, num_layers: int, n_visual: int, n_text: int) -> tupl
     if method is not None and not method.is_noop:
         current = n_visual
         for stage in method.drop_stages(num_layers):
-            current = min(stage.keep(n_visual), current)
+            if stage.kind == "merge":  # one image (or a multiple of the stride per image) is exact
+                current = -(-current // stage.stride)
+            else:
+                current = min(stage.keep(n_visual), current)
             for layer in range(stage.layer, num_layers):
                 visual[layer] = current
     return [n_text + v for v in visual], visual

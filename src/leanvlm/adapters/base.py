@@ -78,6 +78,9 @@ class Adapter:
             vocab=text_config.vocab_size,
         )
 
+    #: (rows, cols) of visual tokens of every image when all images give the same grid, else None
+    fixed_grid: tuple[int, int] | None = None
+
     def vision_sequences(self, inputs, sample: int = 0) -> list[int] | None:
         """Lengths of the sequences the vision tower ran for ``sample`` (for FLOPs), or None when every
         image gives the shape's fixed length."""

@@ -35,10 +35,13 @@ class LlavaAdapter(Adapter):
             visual_tokens_per_image=per_image,
         )
 
-    def image_grids(self, inputs) -> list[tuple[int, int]]:
+    @property
+    def fixed_grid(self) -> tuple[int, int] | None:
         v = self.model.config.vision_config
-        grid = v.image_size // v.patch_size
-        return [(grid, grid)] * inputs["pixel_values"].shape[0]
+        return (v.image_size // v.patch_size,) * 2
+
+    def image_grids(self, inputs) -> list[tuple[int, int]]:
+        return [self.fixed_grid] * inputs["pixel_values"].shape[0]
 
     def visual_mask(self, input_ids, inputs_embeds):
         token_id = self.model.config.image_token_id

@@ -48,4 +48,5 @@ class LlavaNextAdapter(LlavaAdapter):
         starts = (ids == token) & torch.nn.functional.pad(ids != token, (1, 0), value=True)[:, :-1]
         return starts.sum(-1).tolist()
 
+    fixed_grid = None  # AnyRes: every image has its own layout
     image_grids = Adapter.image_grids  # AnyRes tiles are not drawn yet: refused with a clear error

@@ -37,6 +37,8 @@ from .cache import check_cache, get_kv_record, set_kv_record
 from .state import KVMap, TokenState, expand_positions, gather_positions, gather_rows
 from .trace import StageRecord, Trace
 
+IGNORE_INDEX = -100
+
 
 @dataclass
 class _Call:
@@ -45,6 +47,8 @@ class _Call:
     mode: str  # "prefill" or "extend"
     n_input: int
     valid: torch.Tensor  # [B, N] of the call's own tokens
+    position_ids: torch.Tensor | None = None  # what the decoder stack was given (M-RoPE: [3, B, N])
+    query_rows: torch.Tensor | None = None  # [B, N] training queries: the token before each answer span
     visual: torch.Tensor | None = None
     prompt_len: int = 0
     visual_counts: list[int] = field(default_factory=list)
@@ -80,10 +84,12 @@ class Engine:
         self.stage_of_layer = [sum(s.layer <= i for s in self.stages) for i in range(n_layers)]
         self.score_at: dict[int, list[int]] = {}
         for i, s in enumerate(self.stages):
-            self.score_at.setdefault(s.score_layer, []).append(i)
-        self.drop_at = {s.layer: i for i, s in enumerate(self.stages)}
+            if s.kind == "drop":
+                self.score_at.setdefault(s.score_layer, []).append(i)
+        self.reduce_at = {s.layer: i for i, s in enumerate(self.stages)}
         self.prompt_len: int | None = None
         self._visual: torch.Tensor | None = None
+        self._labels: torch.Tensor | None = None
         self._call: _Call | None = None
         self._handles: list = []
         self._patched_generate = False
@@ -97,7 +103,7 @@ class Engine:
         self._handles.append(a.text_model.register_forward_pre_hook(self._text_pre, with_kwargs=True))
         self._handles.append(a.text_model.register_forward_hook(self._text_post, with_kwargs=True))
         if self.stages:
-            first = min(min(self.score_at), self.stages[0].layer)
+            first = min([*self.score_at, self.stages[0].layer])
             for i in range(first, a.num_layers):
                 hook = self._make_layer_hook(i)
                 self._handles.append(a.layers[i].register_forward_pre_hook(hook, with_kwargs=True))
@@ -191,6 +197,8 @@ class Engine:
                     visual=visual,
                     prompt_len=prompt_len,
                     visual_counts=visual.sum(-1).tolist(),
+                    position_ids=self._stack_positions(kwargs.get("position_ids")),
+                    query_rows=self._answer_queries(b, n, device),
                 )
             return None
 
@@ -217,6 +225,23 @@ class Engine:
             n_prompt=n_prompt,
         )
         return None
+
+    @staticmethod
+    def _stack_positions(position_ids):
+        # Qwen-VL may prepend a text-position row to its three M-RoPE rows
+        if position_ids is not None and position_ids.dim() == 3 and position_ids.shape[0] == 4:
+            return position_ids[1:]
+        return position_ids
+
+    def _answer_queries(self, b: int, n: int, device) -> torch.Tensor | None:
+        """Training: the token just before each answer span ranks the visual tokens (PyramidDrop's rule)."""
+        labels = self._labels
+        if labels is None or labels.shape != (b, n):
+            return None
+        supervised = labels.to(device) != IGNORE_INDEX
+        before = torch.zeros_like(supervised)
+        before[:, :-1] = ~supervised[:, :-1] & supervised[:, 1:]
+        return before
 
     def _text_post(self, module, args, kwargs, output):
         call, self._call = self._call, None
@@ -284,16 +309,23 @@ class Engine:
                 orig=torch.arange(n, device=hidden.device).expand(b, n),
                 valid=call.valid,
                 visual=call.visual,
-                pos=expand_positions(kwargs.get("position_ids"), b, n, hidden.device),
+                # the ids the rotary tables come from: the stack's input (M-RoPE rows) over the layer's copy
+                pos=expand_positions(
+                    call.position_ids if call.position_ids is not None else kwargs.get("position_ids"),
+                    b,
+                    n,
+                    hidden.device,
+                ),
                 cos=cos.expand(b, -1, -1),
                 sin=sin.expand(b, -1, -1),
                 shift=torch.zeros(b, dtype=torch.long, device=hidden.device),
             )
         for si in self.score_at.get(layer_idx, ()):
-            call.scores[si] = self._score(layer_idx, hidden, call.state, call.prompt_len)
-        if layer_idx in self.drop_at:
-            si = self.drop_at[layer_idx]
-            hidden, call.state = self._drop(si, hidden, call)
+            call.scores[si] = self._score(layer_idx, hidden, call.state, call)
+        if layer_idx in self.reduce_at:
+            si = self.reduce_at[layer_idx]
+            reduce = self._drop if self.stages[si].kind == "drop" else self._merge
+            hidden, call.state = reduce(si, hidden, call)
             call.stage_states.append(call.state)
             s = call.state
             self.trace.stages.append(StageRecord(layer_idx, s.orig, s.valid, s.visual))
@@ -302,16 +334,23 @@ class Engine:
         s = call.state
         kwargs["attention_mask"] = self._prefill_mask(kwargs.get("attention_mask"), s, call)
         kwargs["position_embeddings"] = (s.cos, s.sin)
-        if kwargs.get("position_ids") is not None:  # models that pass none (Qwen-VL) keep passing none
-            kwargs["position_ids"] = s.pos
+        layer_pos = kwargs.get("position_ids")
+        if layer_pos is not None:  # models that pass none keep passing none; Qwen-VL passes a text row
+            same_format = layer_pos.dim() == s.pos.dim()
+            kwargs["position_ids"] = (
+                s.pos if same_format else gather_positions(layer_pos.expand_as(call.valid), s.orig)
+            )
         return self._set_hidden(args, kwargs, hidden)
 
-    def _score(self, layer_idx: int, hidden: torch.Tensor, s: TokenState, prompt_len: int) -> torch.Tensor:
-        """[B, n] attention each slot receives from the query rows (last prompt token or prompt text)."""
+    def _score(self, layer_idx: int, hidden: torch.Tensor, s: TokenState, call: _Call) -> torch.Tensor:
+        """[B, n] attention each slot receives from the query rows: the last prompt token or the prompt's
+        text (inference), or the token before each answer span (training, when labels are given)."""
         n = s.orig.shape[1]
         slots = torch.arange(n, device=hidden.device).expand_as(s.orig)
-        in_prompt = s.valid & (s.orig < prompt_len)
-        if self.query == "last":
+        in_prompt = s.valid & (s.orig < call.prompt_len)
+        if call.query_rows is not None:
+            query_slots, weight = compact_indices(call.query_rows.gather(1, s.orig) & s.valid)
+        elif self.query == "last":
             query_slots = torch.where(in_prompt, slots, -1).max(-1).values[:, None]  # [B, 1]
             weight = torch.ones_like(query_slots, dtype=torch.bool)
         else:
@@ -361,6 +400,75 @@ class Engine:
             shift=s.shift + dropped.sum(-1),
         )
         return hidden, new
+
+    def _merge(self, stage_idx: int, hidden: torch.Tensor, call: _Call):
+        """Average-pool groups of neighbouring visual tokens; each group's first slot carries the mean."""
+        stage = self.stages[stage_idx]
+        s = call.state
+        leader = self._merge_groups(stage, s, call)  # [B, n] slot index of each slot's group leader
+        if bool((leader == torch.arange(leader.shape[1], device=leader.device)).all()):
+            return hidden, s
+        b, n, d = hidden.shape
+        ones = torch.ones(b, n, 1, dtype=hidden.dtype, device=hidden.device)
+        counts = torch.zeros_like(ones).scatter_add_(1, leader[..., None], ones)  # [B, n, 1]
+        sums = torch.zeros_like(hidden).scatter_add_(1, leader[..., None].expand(-1, -1, d), hidden)
+        mean = sums / counts.clamp_min(1)
+        keep = leader == torch.arange(n, device=hidden.device)
+        index, present = compact_indices(keep)
+        hidden = gather_rows(mean, index)
+        if stage.merge_position == "mean":
+            pos = s.pos.float()
+            lead = leader.expand(*pos.shape[:-2], b, n)
+            pos_sum = torch.zeros_like(pos).scatter_add_(-1, lead, pos)
+            pos = torch.floor(pos_sum / counts[..., 0].clamp_min(1)).long()
+        else:
+            pos = s.pos
+        pos = gather_positions(pos, index)
+        cos, sin = self.adapter.rotary(hidden, pos)
+        call.reduced = True
+        new = TokenState(
+            orig=s.orig.gather(1, index),
+            valid=s.valid.gather(1, index) & present,
+            visual=s.visual.gather(1, index) & present,
+            pos=pos,
+            cos=cos,
+            sin=sin,
+            shift=s.shift,
+        )
+        return hidden, new
+
+    def _merge_groups(self, stage, s: TokenState, call: _Call) -> torch.Tensor:
+        """[B, n]: for each slot, the slot that leads its group (itself for tokens that are not merged).
+
+        Each run of consecutive visual slots is one image; "1d" groups ``stride`` consecutive tokens of
+        a run, "2d" groups square blocks of the image's grid (the adapter's fixed grid)."""
+        b, n = s.orig.shape
+        leader = torch.arange(n, device=s.orig.device).expand(b, n).clone()
+        visual = (s.visual & s.valid).tolist()
+        grid = self.adapter.fixed_grid if stage.pool == "2d" else None
+        side = int(round(stage.stride**0.5))
+        for bi in range(b):
+            j = 0
+            while j < n:
+                if not visual[bi][j]:
+                    j += 1
+                    continue
+                start = j
+                while j < n and visual[bi][j]:
+                    j += 1
+                length = j - start
+                if grid is None:
+                    offsets = torch.arange(length) // stage.stride * stage.stride
+                else:
+                    rows, cols = grid
+                    if rows * cols != length:
+                        raise LeanVLMError(
+                            f"2-D pooling: an image run of {length} visual tokens does not match its {rows}x{cols} grid"
+                        )
+                    r, c = torch.arange(length) // cols, torch.arange(length) % cols
+                    offsets = (r // side * side) * cols + (c // side * side)
+                leader[bi, start:j] = start + offsets.to(leader.device)
+        return leader
 
     def _prefill_mask(self, mask, s: TokenState, call: _Call):
         key = (id(s), id(mask))

@@ -14,6 +14,23 @@ QUERIES = ("last", "text")
 
 
 @dataclass(frozen=True)
+class MergeStage:
+    """Average-pool visual tokens at ``layer``: every group of ``stride`` neighbouring visual tokens of
+    an image becomes one token (its hidden state the group mean) that replaces them.
+
+    ``pool``: "1d" (consecutive tokens in raster order) or "2d" (square blocks of the image grid,
+    ``stride`` a square number). ``merge_position``: "mean" (floor of the group's mean position id,
+    as LLaVolta) or "first" (the first member's position id).
+    """
+
+    layer: int
+    stride: int
+    pool: str = "1d"
+    merge_position: str = "mean"
+    kind: str = "merge"
+
+
+@dataclass(frozen=True)
 class DropStage:
     """One rank-and-drop step inside the LLM.
 
@@ -25,6 +42,7 @@ class DropStage:
     layer: int
     score_layer: int
     keep: Callable[[int], int]
+    kind: str = "drop"
 
 
 class Method:
@@ -70,10 +88,19 @@ class Method:
             return self.positions
         return self.reference_positions if compact_allowed else "original"
 
+    def check_adapter(self, adapter) -> None:
+        """Checks that need to know what the model allows (its adapter's flags); raise ConfigError."""
+        if getattr(self, "positions", None) == "compact" and not adapter.supports_compact_positions:
+            raise ConfigError(
+                f"{type(self).__name__}: positions='compact' is not possible on {type(adapter.model).__name__} "
+                "(its RoPE ids encode layout); use positions='original'"
+            )
+
     def check_model(self, num_layers: int) -> None:
         """Checks that need the model (raise ConfigError); run by ``apply`` before anything is installed."""
 
-    def drop_stages(self, num_layers: int) -> list[DropStage]:
+    def drop_stages(self, num_layers: int) -> list[DropStage | MergeStage]:
+        """The reduction steps inside the LLM, in layer order."""
         raise NotImplementedError
 
     @property
