@@ -135,3 +135,59 @@ def test_viz_is_refused_where_not_supported():
     model, proc = build("llava-next")
     with pytest.raises(lv.UnsupportedModelError, match="leanvlm viz supports LlavaForConditionalGeneration"):
         find_adapter(model).image_grids(make_inputs(proc, [PROMPTS[0]]))
+
+
+@pytest.mark.parametrize("adapter", ["llava-next", "qwen2-vl"])
+def test_last_report_counts_the_vision_tower_of_variable_size_models(adapter):
+    model, proc = build(adapter)
+    inputs = make_inputs(proc, PROMPTS[:1])
+    with lv.apply(model, lv.FastV(layer=2, keep_ratio=0.5)):
+        with torch.no_grad():
+            model(**inputs)
+        report = lv.last_report(model)
+    assert report.vision > 0 and report.images > 0
+    assert report.notes == []
+    batch = make_inputs(proc, PROMPTS[:2])
+    with lv.apply(model, lv.FastV(layer=2, keep_ratio=0.5)):
+        with torch.no_grad():
+            model(**batch)
+        report = lv.last_report(model, sample=1)
+    assert report.vision == 0 and "vision tower not counted" in report.notes[0]
+
+
+def test_qwen_video_frames_are_separate_tower_sequences():
+    model, _ = build("qwen2-vl")
+    inputs = {
+        "input_ids": torch.zeros(1, 3, dtype=torch.long),
+        "video_grid_thw": torch.tensor([[4, 8, 6]]),
+        "image_grid_thw": torch.tensor([[1, 4, 4]]),
+    }
+    assert find_adapter(model).vision_sequences(inputs) == [16] + [48] * 4
+
+
+def test_llava_next_adjacent_images_count_every_crop():
+    model, proc = build("llava-next")
+    from leanvlm.presets import demo_image
+
+    images = [demo_image(56, seed=1), demo_image(112, seed=2)]
+    inputs = proc(text=["<image><image>\nCompare"], images=images, return_tensors="pt")
+    ran = []
+    handle = model.model.vision_tower.register_forward_hook(lambda m, a, o: ran.append(a[0].shape[0]))
+    with torch.no_grad():
+        model(**inputs)
+    handle.remove()
+    assert len(find_adapter(model).vision_sequences(inputs)) == sum(ran)
+
+
+def test_continuing_a_cache_with_another_method_is_refused():
+    model, proc = build("llava")
+    inputs = make_inputs(proc, PROMPTS[:2])
+    with lv.apply(model, lv.FastV(layer=2, keep_ratio=0.5)), torch.no_grad():
+        cache = model(**inputs, use_cache=True).past_key_values
+    mask = torch.cat([inputs["attention_mask"], torch.ones(2, 1, dtype=torch.long)], -1)
+    for other in (lv.PyramidDrop(layers=(1, 3), keep_ratios=(0.5, 0.25)), None):
+        with (
+            lv.apply(model, *([other] if other else [])),
+            pytest.raises(lv.LeanVLMError, match="continue a cache with the method that filled it"),
+        ):
+            model(input_ids=torch.full((2, 1), 7), attention_mask=mask, past_key_values=cache)

@@ -108,6 +108,8 @@ def test_bench_writes_table_json_and_plot(capsys, bench_run):
         "fastv @ 0.8",
         "pyramiddrop @ default",
         "pyramiddrop @ 0.8",
+        "vcc @ default",
+        "vcc @ 0.8",
     ]
     for row in doc["rows"]:
         assert set(row) == ROW_KEYS
@@ -147,7 +149,7 @@ def test_bench_bad_arguments(capsys, argv, message):
 
 def test_matched_budgets_give_matched_equivalent_tokens():
     configs = build_configs(None, parse_budgets("0.5"), 32)
-    fastv, pdrop = (c.methods[0] for c in configs[2:])
+    fastv, pdrop, vcc = (c.methods[0] for c in configs[2:])
     for method in (fastv, pdrop):
         visual = [576] * 32
         for stage in method.drop_stages(32):
@@ -155,6 +157,8 @@ def test_matched_budgets_give_matched_equivalent_tokens():
                 visual[layer] = stage.keep(576)
         assert sum(visual) / 32 == pytest.approx(288, abs=2)
     assert configs[3].methods[0] == lv.PyramidDrop.at_budget(0.5, 32)
+    pooled = (2 * 576 + 30 * -(-576 // vcc.stride)) / 32  # pooling strides are integers: close, not exact
+    assert pooled == pytest.approx(288, rel=0.1)
 
 
 def test_flops_command_pyramiddrop_preset(capsys):
@@ -254,3 +258,9 @@ def test_bench_runs_on_other_adapters(capsys, tmp_path, preset):
     assert rows[2]["visual_tokens_kept"] == rows[0]["visual_tokens_in"] // 4
     assert rows[2]["kv_bytes"] == rows[2]["kv_bytes_analytic"]
     assert rows[0]["prefill_flops"] > rows[2]["prefill_flops"]
+
+
+@pytest.mark.parametrize("preset", ["llava-next-7b", "qwen2.5-vl-7b"])
+def test_flops_command_refuses_variable_size_models(capsys, preset):
+    code, _, err = run_cli(capsys, "flops", "--preset", preset, "--method", "fastv")
+    assert code == 2 and "the visual-token count depends on the image; use leanvlm bench" in err

@@ -61,13 +61,34 @@ def test_static_cache_is_refused_with_a_clear_error():
         model.generate(**inputs, max_new_tokens=2, cache_implementation="static")
 
 
-def test_labels_are_refused_while_tokens_are_dropped():
+def test_labels_give_the_loss_of_the_kept_sequence():
+    """With labels, the loss is computed on the kept tokens' labels (text is never dropped)."""
+    model, proc = build("llava", num_layers=5)
+    inputs = make_inputs(proc, PROMPTS[:2])
+    labels = inputs["input_ids"].clone()
+    labels[:, :-4] = -100  # supervise the last four tokens (text)
+    with lv.apply(model, METHOD) as applied:
+        out = model(**inputs, labels=labels)
+        stage = applied.trace.stages[-1]
+    kept_labels = labels.gather(1, stage.orig).masked_fill(~stage.valid, -100)
+    shift_logits, shift_labels = out.logits[:, :-1].flatten(0, 1), kept_labels[:, 1:].flatten()
+    expected = torch.nn.functional.cross_entropy(shift_logits.float(), shift_labels, ignore_index=-100)
+    torch.testing.assert_close(out.loss, expected)
+    with lv.apply(model, lv.FastV(keep_ratio=1.0)):  # a no-op: the model's own loss, exactly
+        assert torch.equal(model(**inputs, labels=labels).loss, model(**inputs, labels=labels).loss)
+
+
+def test_a_supervised_token_right_after_dropped_visual_tokens_is_refused():
     model, proc = build("llava", num_layers=5)
     inputs = make_inputs(proc, PROMPTS[:1])
-    with lv.apply(model, METHOD), pytest.raises(lv.UnsupportedModelError, match="labels were passed"):
-        model(**inputs, labels=inputs["input_ids"])
-    with lv.apply(model, lv.FastV(keep_ratio=1.0)):  # a no-op drops nothing, so labels are fine
-        assert model(**inputs, labels=inputs["input_ids"]).loss is not None
+    visual = (inputs["input_ids"] == model.config.image_token_id)[0].nonzero()[:, 0]
+    labels = torch.full_like(inputs["input_ids"], -100)
+    labels[0, visual[-1] + 1] = inputs["input_ids"][0, visual[-1] + 1]  # predecessor is the last visual token
+    with (
+        lv.apply(model, lv.FastV(layer=2, keep_tokens=0)),
+        pytest.raises(lv.LeanVLMError, match="needed for the loss"),
+    ):
+        model(**inputs, labels=labels)
 
 
 def test_inputs_embeds_without_placeholders_warns():

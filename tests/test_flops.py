@@ -100,6 +100,15 @@ def test_trace_counts_equal_what_the_formula_assumes(method):
     assert measured.images == 1
     real_kv = sum(layer.keys.numel() + layer.values.numel() for layer in out.past_key_values.layers) * 4
     assert measured.kv_bytes == real_kv
+    # the ranking work the trace recorded is what the schedule implies (one query row per ranking step)
+    assert [n for n, _ in applied.trace.scoring_counts(0)] == [
+        n for n, _ in flops.schedule_scoring(method, tokens, n_text)
+    ]
+    assert measured.scoring == sum(
+        flops.scoring_flops(measured.shape.text, n, q)
+        for n, q in flops.schedule_scoring(method, tokens, n_text)
+    )
+    assert (measured.scoring > 0) == (method is not None)
 
 
 def test_table_lists_every_layer_and_both_conventions():

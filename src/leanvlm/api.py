@@ -5,7 +5,7 @@ from __future__ import annotations
 import weakref
 
 from .engine import Engine, Trace
-from .errors import ConfigError, IncompatibleMethodsError, UnsupportedModelError
+from .errors import ConfigError, IncompatibleMethodsError, LeanVLMError, UnsupportedModelError
 from .methods.base import Method
 from .registry import find_adapter
 
@@ -107,4 +107,10 @@ def last_report(model, sample: int = 0):
         raise ConfigError(f"sample={sample} is outside [0, {trace.batch_size - 1}] for the last batch")
     shape = type(handle.adapter).model_shape(model.config)
     dtype_bytes = next(model.parameters()).element_size()
-    return flops.from_trace(shape, trace, sample, dtype_bytes=dtype_bytes)
+    sequences = None
+    if trace.vision_inputs and not shape.visual_tokens_per_image:
+        try:
+            sequences = handle.adapter.vision_sequences(trace.vision_inputs, sample)
+        except (LeanVLMError, KeyError):
+            sequences = None  # from_trace notes that the vision tower is not counted
+    return flops.from_trace(shape, trace, sample, dtype_bytes=dtype_bytes, vision_sequences=sequences)

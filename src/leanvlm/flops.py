@@ -103,6 +103,15 @@ def lm_head_flops(t: TextShape, positions: int = 1) -> int:
     return 2 * positions * t.hidden * t.vocab
 
 
+def scoring_flops(t: TextShape, n_tokens: int, n_queries: int) -> int:
+    """Ranking visual tokens by attention (FastV, PyramidDrop): keys for every token, queries for the
+    query rows, and their scores. Not part of the model's own forward, so counted separately."""
+    q_out, kv_out = t.heads * t.head_dim, t.kv_heads * t.head_dim
+    return (
+        2 * n_tokens * t.hidden * kv_out + 2 * n_queries * t.hidden * q_out + 2 * n_queries * n_tokens * q_out
+    )
+
+
 def paper_layer_flops(t: TextShape, n_visual: int) -> int:
     """PyramidDrop's per-layer count: one per multiply-add, visual tokens only."""
     d, m = t.hidden, t.intermediate
@@ -138,7 +147,8 @@ class FlopsReport:
     kv_bytes: int
     decode_flops_per_token: int
     dtype_bytes: int
-    extra: dict = field(default_factory=dict)
+    scoring: int = 0
+    notes: list[str] = field(default_factory=list)
 
     @property
     def llm(self) -> int:
@@ -146,8 +156,8 @@ class FlopsReport:
 
     @property
     def prefill_total(self) -> int:
-        """Real FLOPs of the prefill: vision tower, projector, LLM layers, LM head."""
-        return self.vision + self.projector + self.llm + self.lm_head
+        """Real FLOPs of the prefill: vision tower, projector, LLM layers, ranking, LM head."""
+        return self.vision + self.projector + self.llm + self.scoring + self.lm_head
 
     @property
     def paper_total(self) -> int:
@@ -163,6 +173,7 @@ class FlopsReport:
             "llm_flops": self.llm,
             "vision_flops": self.vision + self.projector,
             "lm_head_flops": self.lm_head,
+            "scoring_flops": self.scoring,
             "paper_flops": self.paper_total,
             "equivalent_tokens": round(self.equivalent_tokens, 2),
             "visual_tokens_in": self.layers[0].visual,
@@ -187,7 +198,8 @@ class FlopsReport:
             "",
             f"real FLOPs (2 per multiply-add, whole prompt): {fmt_flops(self.prefill_total)} = "
             f"vision tower + projector {fmt_flops(self.vision + self.projector)} ({self.images} image(s)) "
-            f"+ LLM {fmt_flops(self.llm)} + LM head {fmt_flops(self.lm_head)}",
+            f"+ LLM {fmt_flops(self.llm)} + ranking {fmt_flops(self.scoring)} + LM head {fmt_flops(self.lm_head)}",
+            *self.notes,
             f"paper FLOPs (PyramidDrop convention: 1 per multiply-add, visual tokens, LLM layers): "
             f"{fmt_flops(self.paper_total)}",
             f"equivalent visual tokens (layer average): {self.equivalent_tokens:.1f}",
@@ -212,6 +224,7 @@ def report(
     images: int,
     dtype_bytes: int = 2,
     vision_sequences: list[int] | None = None,
+    scoring: list[tuple[int, int]] = (),
 ) -> FlopsReport:
     """FLOPs of one sample's prefill given what each layer processed (tokens incl. visual).
 
@@ -254,6 +267,7 @@ def report(
         kv_bytes=kv_cache_bytes(t, tokens_per_layer, dtype_bytes),
         decode_flops_per_token=per_token,
         dtype_bytes=dtype_bytes,
+        scoring=sum(scoring_flops(t, n, q) for n, q in scoring),
     )
 
 
@@ -276,9 +290,23 @@ def from_trace(
     if images is None:
         per_image = shape.visual_tokens_per_image
         images = visual[0] // per_image if per_image else len(vision_sequences or ())
-    return report(
-        shape, tokens, visual, images=images, dtype_bytes=dtype_bytes, vision_sequences=vision_sequences
+    rep = report(
+        shape,
+        tokens,
+        visual,
+        images=images,
+        dtype_bytes=dtype_bytes,
+        vision_sequences=vision_sequences,
+        scoring=trace.scoring_counts(sample),
     )
+    if (
+        shape.vision is not None
+        and not shape.visual_tokens_per_image
+        and vision_sequences is None
+        and visual[0]
+    ):
+        rep.notes.append("vision tower not counted: its sequence lengths were not available for this sample")
+    return rep
 
 
 def schedule_counts(method, num_layers: int, n_visual: int, n_text: int) -> tuple[list[int], list[int]]:
@@ -294,6 +322,21 @@ def schedule_counts(method, num_layers: int, n_visual: int, n_text: int) -> tupl
             for layer in range(stage.layer, num_layers):
                 visual[layer] = current
     return [n_text + v for v in visual], visual
+
+
+def schedule_scoring(method, tokens_per_layer: list[int], n_text: int) -> list[tuple[int, int]]:
+    """(tokens, query rows) of each ranking step ``method``'s schedule implies for one prompt."""
+    if method is None or method.is_noop:
+        return []
+    queries = 1 if getattr(method, "query", "last") == "last" else n_text
+    stages = method.drop_stages(len(tokens_per_layer))
+    reduced_at = {s.layer for s in stages}
+    # a ranking at a layer that also reduces sees that layer's input: the previous layer's token set
+    return [
+        (tokens_per_layer[s.score_layer - 1 if s.score_layer in reduced_at else s.score_layer], queries)
+        for s in stages
+        if s.kind == "drop"
+    ]
 
 
 def dtype_size(dtype: torch.dtype | str) -> int:

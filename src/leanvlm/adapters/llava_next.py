@@ -1,7 +1,6 @@
 import dataclasses
 
-import torch
-
+from ..errors import UnsupportedModelError
 from ..flops import ModelShape
 from ..registry import register_adapter
 from .base import Adapter
@@ -30,23 +29,16 @@ class LlavaNextAdapter(LlavaAdapter):
         cfg = self.model.config
         v = cfg.vision_config
         tokens = (v.image_size // v.patch_size) ** 2 + 1
-        sizes = inputs["image_sizes"]
-        per_sample = self._images_per_sample(inputs)
-        start = sum(per_sample[:sample])
+        if inputs["input_ids"].shape[0] != 1:
+            # images are not attributed to samples in the inputs (adjacent images share one placeholder run)
+            raise UnsupportedModelError("vision FLOPs of LLaVA-NeXT inputs are counted for batch size 1")
         crops = [
             image_size_to_num_patches(
-                image_size=sizes[i].tolist(), grid_pinpoints=cfg.image_grid_pinpoints, patch_size=v.image_size
+                image_size=size, grid_pinpoints=cfg.image_grid_pinpoints, patch_size=v.image_size
             )
-            for i in range(start, start + per_sample[sample])
+            for size in inputs["image_sizes"].tolist()
         ]
         return [tokens] * sum(crops)
-
-    def _images_per_sample(self, inputs) -> list[int]:
-        token = self.model.config.image_token_id
-        ids = inputs["input_ids"]
-        # every image's placeholder run starts right after a non-placeholder token
-        starts = (ids == token) & torch.nn.functional.pad(ids != token, (1, 0), value=True)[:, :-1]
-        return starts.sum(-1).tolist()
 
     fixed_grid = None  # AnyRes: every image has its own layout
     image_grids = Adapter.image_grids  # AnyRes tiles are not drawn yet: refused with a clear error

@@ -61,14 +61,16 @@ class QwenVLAdapter(Adapter):
         return ModelShape(cls.name, cls.text_shape(t), vision, projector, 0)
 
     def vision_sequences(self, inputs, sample: int = 0) -> list[int]:
-        # Window attention in Qwen2.5-VL's tower is counted as full attention over each image (an over-count).
-        grids = []
-        for key in ("image_grid_thw", "video_grid_thw"):
-            if inputs.get(key) is not None:
-                grids += inputs[key].prod(-1).tolist()
+        # The tower attends within each frame (an image is one frame). Qwen2.5-VL's window attention is
+        # counted as full attention over the frame: an over-count of its attention term.
         if inputs["input_ids"].shape[0] != 1:
             raise UnsupportedModelError("vision FLOPs of Qwen-VL inputs are counted for batch size 1")
-        return grids
+        sequences = []
+        for key in ("image_grid_thw", "video_grid_thw"):
+            if inputs.get(key) is not None:
+                for t, h, w in inputs[key].tolist():
+                    sequences += [h * w] * t
+        return sequences
 
     def model_view(self, inputs, processor):
         raise UnsupportedModelError(

@@ -148,8 +148,11 @@ def measure(
                 try:
                     p = [_timed(prefill, device) for _ in range(settings.prefill_per_round)]
                     t1 = _timed(first_token, device)
-                    with PeakMemory(device) as mem:
-                        tn = _timed(generate_n, device)
+                    tn = _timed(generate_n, device)
+                    mem = PeakMemory(device)
+                    if r == rounds - 1:  # once, untimed: the CPU sampler thread would slow a timed run
+                        with mem:
+                            generate_n()
                 finally:
                     if handle is not None:
                         handle.remove()

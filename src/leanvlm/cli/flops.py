@@ -39,12 +39,12 @@ def meta_model(args):
     config = AutoConfig.from_pretrained(args.model) if args.model else preset_config(args.preset)
     with torch.device("meta"):
         if args.model:
-            model = AutoModelForImageTextToText.from_config(config)
-        else:
-            from transformers import LlavaForConditionalGeneration
+            return AutoModelForImageTextToText.from_config(config)
+        import transformers
 
-            model = LlavaForConditionalGeneration(config)
-    return model
+        from ..presets import preset_model_class
+
+        return getattr(transformers, preset_model_class(args.preset))(config)
 
 
 def run(args) -> int:
@@ -74,11 +74,14 @@ def run(args) -> int:
     )
     results = []
     for label, method in methods:
+        tokens, visual = flops.schedule_counts(method, adapter.num_layers, n_visual, args.text_tokens)
         rep = flops.report(
             shape,
-            *flops.schedule_counts(method, adapter.num_layers, n_visual, args.text_tokens),
+            tokens,
+            visual,
             images=args.images,
             dtype_bytes=dtype_bytes,
+            scoring=flops.schedule_scoring(method, tokens, args.text_tokens),
         )
         results.append((label, rep))
     if args.json:

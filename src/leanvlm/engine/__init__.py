@@ -2,6 +2,6 @@
 
 from .loop import Engine
 from .state import KVMap, TokenState
-from .trace import StageRecord, Trace
+from .trace import ScoreRecord, StageRecord, Trace
 
-__all__ = ["Engine", "KVMap", "StageRecord", "TokenState", "Trace"]
+__all__ = ["Engine", "KVMap", "ScoreRecord", "StageRecord", "TokenState", "Trace"]

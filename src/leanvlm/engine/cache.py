@@ -26,7 +26,8 @@ def get_kv_record(cache):
     """What each stage's layers of ``cache`` hold, as recorded by the prefill that reduced it.
 
     The record travels with the cache object (so a deep copy of a cache, or a method removed and
-    applied again, continues correctly): (tokens cached, prompt length, [KVMap per stage])."""
+    applied again, continues correctly): (tokens cached, prompt length, reduction layers,
+    [KVMap per stage])."""
     return getattr(cache, _RECORD, None) if cache is not None else None
 
 

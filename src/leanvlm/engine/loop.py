@@ -35,9 +35,10 @@ from ..ops import (
 from ..ops.masks import mask_keys
 from .cache import check_cache, get_kv_record, set_kv_record
 from .state import KVMap, TokenState, expand_positions, gather_positions, gather_rows
-from .trace import StageRecord, Trace
+from .trace import ScoreRecord, StageRecord, Trace
 
 IGNORE_INDEX = -100
+VISION_KEYS = ("image_sizes", "image_grid_thw", "video_grid_thw")
 
 
 @dataclass
@@ -54,6 +55,7 @@ class _Call:
     visual_counts: list[int] = field(default_factory=list)
     state: TokenState | None = None
     reduced: bool = False
+    transform: object | None = None  # the hidden-state change made at the current layer (for replay)
     stage_states: list[TokenState] = field(default_factory=list)
     scores: dict[int, torch.Tensor] = field(default_factory=dict)
     masks: dict = field(default_factory=dict)
@@ -64,6 +66,25 @@ class _Call:
     past_len: int = 0
     n_prompt: int = 0
     new_orig: torch.Tensor | None = None
+
+
+def align_labels(labels: torch.Tensor, orig: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Labels of the tokens the last layer kept ([B, n]), so that a causal-LM loss on the shorter logits
+    is the loss of the full sequence: every supervised token and the token before it must be kept
+    (text is never dropped, so this holds whenever answers follow text, as in chat templates)."""
+    kept = labels.gather(1, orig).masked_fill(~valid, IGNORE_INDEX)
+    present = torch.zeros_like(labels, dtype=torch.bool)
+    present.scatter_(1, orig, valid)
+    supervised = labels != IGNORE_INDEX
+    needed = supervised.clone()
+    needed[:, :-1] |= supervised[:, 1:]  # ... and each one's predecessor
+    if bool((needed & ~present).any()):
+        b, p = (needed & ~present).nonzero()[0].tolist()
+        raise LeanVLMError(
+            f"sample {b}: position {p} is needed for the loss (a supervised token or the one before it) "
+            "but the method removed it; supervised tokens must follow text tokens"
+        )
+    return kept
 
 
 class Engine:
@@ -87,9 +108,13 @@ class Engine:
             if s.kind == "drop":
                 self.score_at.setdefault(s.score_layer, []).append(i)
         self.reduce_at = {s.layer: i for i, s in enumerate(self.stages)}
+        self.layout = tuple(s.layer for s in self.stages)  # which layers' caches differ (stored with a cache)
         self.prompt_len: int | None = None
         self._visual: torch.Tensor | None = None
         self._labels: torch.Tensor | None = None
+        self._vision_inputs: dict | None = None
+        self._final: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._replay: dict[int, tuple] = {}
         self._call: _Call | None = None
         self._handles: list = []
         self._patched_generate = False
@@ -100,6 +125,7 @@ class Engine:
         self._handles.append(a.vlm_model.register_forward_pre_hook(self._vlm_pre, with_kwargs=True))
         if self.stages:
             self._handles.append(a.model.register_forward_pre_hook(self._top_pre, with_kwargs=True))
+            self._handles.append(a.model.register_forward_hook(self._top_post, with_kwargs=True))
         self._handles.append(a.text_model.register_forward_pre_hook(self._text_pre, with_kwargs=True))
         self._handles.append(a.text_model.register_forward_hook(self._text_post, with_kwargs=True))
         if self.stages:
@@ -147,6 +173,8 @@ class Engine:
             self._visual = None
             return
         self._visual = self.adapter.visual_mask(input_ids, embeds)
+        self._vision_inputs = {k: kwargs[k] for k in VISION_KEYS if kwargs.get(k) is not None}
+        self._vision_inputs["input_ids"] = input_ids if input_ids is not None else embeds[..., 0]
         past = kwargs.get("past_key_values")
         fresh = embeds is not None and embeds.shape[1] > 1 and (past is None or past.get_seq_length() == 0)
         if input_ids is None and self.stages and fresh and not bool(self._visual.any()):
@@ -157,14 +185,29 @@ class Engine:
             )
 
     def _top_pre(self, module, args, kwargs):
-        if kwargs.get("labels") is not None:
-            raise UnsupportedModelError(
-                "labels were passed with a token-dropping method applied; the logits then cover only the "
-                "kept tokens. Compute the loss outside the model, or apply the method for inference only"
-            )
+        # The model's logits will cover only the kept tokens: take the labels, and compute the loss
+        # against the labels of those tokens once the forward is done (_top_post).
+        self._labels = kwargs.pop("labels", None)
+        return None if self._labels is None else (args, kwargs)
+
+    def _top_post(self, module, args, kwargs, output):
+        labels, self._labels = self._labels, None
+        if labels is None:
+            return None
+        if not hasattr(output, "logits"):
+            raise UnsupportedModelError("labels with a token-reducing method need return_dict=True outputs")
+        if self._final is not None:
+            labels = align_labels(labels, *self._final)
+        loss_kwargs = {k: kwargs[k] for k in ("num_items_in_batch",) if kwargs.get(k) is not None}
+        output.loss = module.loss_function(
+            logits=output.logits, labels=labels, vocab_size=output.logits.shape[-1], **loss_kwargs
+        )
+        return output
 
     def _text_pre(self, module, args, kwargs):
         self._call = None
+        self._replay = {}
+        self._final = None
         embeds = kwargs.get("inputs_embeds")
         ref = embeds if embeds is not None else kwargs.get("input_ids", args[0] if args else None)
         b, n = ref.shape[:2]
@@ -186,6 +229,7 @@ class Engine:
             if past is not None:
                 set_kv_record(past, None)  # a reset or new cache: nothing from an earlier prefill applies
             self.trace.reset()
+            self.trace.vision_inputs = self._vision_inputs
             orig = torch.arange(n, device=device).expand(b, n)
             self.trace.stages.append(StageRecord(0, orig, valid, visual))
             if self.stages and bool(visual.any()):
@@ -211,7 +255,12 @@ class Engine:
                     "reduction that filled it; continue it with the model and method that filled it"
                 )
             return None
-        n_cached, n_prompt, kvmaps = entry
+        n_cached, n_prompt, layout, kvmaps = entry
+        if layout != self.layout:
+            raise LeanVLMError(
+                f"this KV cache was filled with reductions at layers {list(layout)} but the applied method "
+                f"reduces at layers {list(self.layout)}; continue a cache with the method that filled it"
+            )
         if past_len != n_cached:
             kvmaps = self._crop_maps(kvmaps, n_cached, n_prompt, past_len)
         self._call = _Call(
@@ -248,16 +297,18 @@ class Engine:
         if call is None:
             return None
         if call.mode == "prefill":
+            if call.reduced:
+                self._final = (call.state.orig, call.state.valid)
             if call.cache is not None and call.reduced:
                 kvmaps = [KVMap(s.orig, s.valid, s.shift) for s in call.stage_states]
                 if call.cache.get_seq_length() == call.n_input:
-                    set_kv_record(call.cache, (call.n_input, call.n_input, kvmaps))
+                    set_kv_record(call.cache, (call.n_input, call.n_input, self.layout, kvmaps))
         elif call.cache.get_seq_length() == call.past_len + call.n_input:
             kvmaps = [
                 KVMap(torch.cat([m.orig, call.new_orig], -1), torch.cat([m.valid, call.valid], -1), m.shift)
                 for m in call.kvmaps
             ]
-            set_kv_record(call.cache, (call.past_len + call.n_input, call.n_prompt, kvmaps))
+            set_kv_record(call.cache, (call.past_len + call.n_input, call.n_prompt, self.layout, kvmaps))
         return None
 
     @staticmethod
@@ -284,12 +335,24 @@ class Engine:
         def hook(module, args, kwargs):
             call = self._call
             if call is None:
-                return None
+                return self._replay_layer(layer_idx, args, kwargs) if self._replay else None
             if call.mode == "prefill":
                 return self._prefill_layer(layer_idx, call, args, kwargs)
             return self._extend_layer(layer_idx, call, args, kwargs)
 
         return hook
+
+    def _replay_layer(self, layer_idx: int, args, kwargs):
+        """Re-apply what the last forward did at this layer (its recomputation under gradient checkpointing)."""
+        entry = self._replay.get(layer_idx)
+        if entry is None:
+            return None
+        transform, updates = entry
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if transform is not None:
+            hidden = transform(hidden)
+        kwargs.update(updates)
+        return self._set_hidden(args, kwargs, hidden)
 
     @staticmethod
     def _set_hidden(args, kwargs, hidden):
@@ -340,6 +403,13 @@ class Engine:
             kwargs["position_ids"] = (
                 s.pos if same_format else gather_positions(layer_pos.expand_as(call.valid), s.orig)
             )
+        if torch.is_grad_enabled():
+            # gradient checkpointing calls the layer again in backward, with its original arguments
+            updates = {
+                k: kwargs[k] for k in ("attention_mask", "position_embeddings", "position_ids") if k in kwargs
+            }
+            self._replay[layer_idx] = (call.transform, updates)
+        call.transform = None
         return self._set_hidden(args, kwargs, hidden)
 
     def _score(self, layer_idx: int, hidden: torch.Tensor, s: TokenState, call: _Call) -> torch.Tensor:
@@ -359,6 +429,7 @@ class Engine:
             q, k, scaling = self.adapter.query_key(layer_idx, hidden.detach(), s.cos, s.sin, query_slots)
             visible = build_bool_mask(s.orig.gather(1, query_slots), s.orig, s.valid)[:, 0]  # [B, Q, n]
             probs = attention_to_keys(q, k, visible, scaling)
+            self.trace.scoring.append(ScoreRecord(layer_idx, s.valid.sum(-1), weight.sum(-1)))
             return mean_query_scores(probs, weight)
 
     def _drop(self, stage_idx: int, hidden: torch.Tensor, call: _Call):
@@ -381,7 +452,8 @@ class Engine:
             return hidden, s
         index, present = compact_indices(keep)  # [B, m]
         dropped = candidates & ~keep
-        hidden = gather_rows(hidden, index)
+        call.transform = lambda h: gather_rows(h, index)
+        hidden = call.transform(hidden)
         pos = gather_positions(s.pos, index)
         if self.positions == "compact":
             pos = pos - gather_positions(dropped.long().cumsum(-1), index)
@@ -411,11 +483,15 @@ class Engine:
         b, n, d = hidden.shape
         ones = torch.ones(b, n, 1, dtype=hidden.dtype, device=hidden.device)
         counts = torch.zeros_like(ones).scatter_add_(1, leader[..., None], ones)  # [B, n, 1]
-        sums = torch.zeros_like(hidden).scatter_add_(1, leader[..., None].expand(-1, -1, d), hidden)
-        mean = sums / counts.clamp_min(1)
         keep = leader == torch.arange(n, device=hidden.device)
         index, present = compact_indices(keep)
-        hidden = gather_rows(mean, index)
+
+        def pool(h):
+            sums = torch.zeros_like(h).scatter_add_(1, leader[..., None].expand(-1, -1, d), h)
+            return gather_rows(sums / counts.clamp_min(1), index)
+
+        call.transform = pool
+        hidden = pool(hidden)
         if stage.merge_position == "mean":
             pos = s.pos.float()
             lead = leader.expand(*pos.shape[:-2], b, n)

@@ -18,9 +18,21 @@ class StageRecord:
 
 
 @dataclass
+class ScoreRecord:
+    """One ranking computation: at ``layer``, per sample, keys over ``tokens`` and ``queries`` query rows."""
+
+    layer: int
+    tokens: torch.Tensor  # [B]
+    queries: torch.Tensor  # [B]
+
+
+@dataclass
 class Trace:
     num_layers: int
     stages: list[StageRecord] = field(default_factory=list)
+    scoring: list[ScoreRecord] = field(default_factory=list)
+    #: the vision-related inputs of the last prefill (image sizes / grids), for vision FLOPs
+    vision_inputs: dict | None = None
     prefills: int = 0
 
     def __repr__(self) -> str:
@@ -29,6 +41,8 @@ class Trace:
 
     def reset(self) -> None:
         self.stages = []
+        self.scoring = []
+        self.vision_inputs = None
         self.prefills += 1
 
     def _per_layer(self, counts: list[torch.Tensor]) -> list[list[int]]:
@@ -55,6 +69,10 @@ class Trace:
     def kept_visual(self) -> list[list[torch.Tensor]]:
         """Per stage, per sample: original sequence indices of the visual tokens present from that stage on."""
         return [[s.orig[b][s.visual[b]] for b in range(s.orig.shape[0])] for s in self.stages]
+
+    def scoring_counts(self, sample: int) -> list[tuple[int, int]]:
+        """(tokens, query rows) of every ranking computation of ``sample``, for FLOPs accounting."""
+        return [(int(r.tokens[sample]), int(r.queries[sample])) for r in self.scoring]
 
     @property
     def batch_size(self) -> int:
