@@ -5,6 +5,7 @@ from .api import Applied, apply, last_report, remove
 from .errors import ConfigError, IncompatibleMethodsError, LeanVLMError, UnsupportedModelError
 from .methods import FastV, Method, PyramidDrop, VisualContextCompression
 from .registry import METHODS
+from .train.schedule import StagedSchedule
 
 __version__ = "0.1.0"
 
@@ -17,6 +18,7 @@ __all__ = [
     "LeanVLMError",
     "Method",
     "PyramidDrop",
+    "StagedSchedule",
     "UnsupportedModelError",
     "VisualContextCompression",
     "apply",

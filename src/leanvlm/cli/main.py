@@ -8,9 +8,9 @@ import sys
 import warnings
 
 from ..errors import LeanVLMError
-from . import bench, flops, generate, viz
+from . import bench, flops, generate, train, viz
 
-COMMANDS = {"bench": bench, "flops": flops, "generate": generate, "viz": viz}
+COMMANDS = {"bench": bench, "flops": flops, "generate": generate, "train": train, "viz": viz}
 
 
 def build_parser() -> argparse.ArgumentParser:

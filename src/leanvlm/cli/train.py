@@ -1,0 +1,69 @@
+"""``leanvlm train``: fine-tune a LLaVA-style model with token reduction (a method or a schedule)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import ConfigError
+from .common import add_device_args, add_model_args
+
+HELP = "fine-tune a VLM on LLaVA-format data with a token-reduction method or a staged schedule"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help=HELP, description=HELP)
+    add_model_args(p, default_preset=None)
+    p.add_argument("--data", required=True, help="LLaVA-format JSON list of conversations")
+    p.add_argument(
+        "--image-folder", help="folder the data's image paths are relative to (default: the data's)"
+    )
+    p.add_argument("--method", help="method spec NAME[:key=value,...], e.g. pyramiddrop (default: none)")
+    p.add_argument(
+        "--schedule", help="staged schedule: a preset (4stage, heavy, light) or 'frac:spec;frac:spec'"
+    )
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--max-steps", type=int, default=0, help="optimizer steps (overrides --epochs when > 0)")
+    p.add_argument("--batch-size", type=int, default=1, help="per device")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--max-length", type=int, default=2048)
+    p.add_argument(
+        "--freeze", default="vision", choices=["vision", "none"], help="what stays frozen (default: vision)"
+    )
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--logging-steps", type=int, default=10)
+    p.add_argument("--save-steps", type=int, default=500)
+    p.add_argument("--save-total-limit", type=int, default=2)
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        help="resume from a checkpoint folder, or the latest one in --output-dir",
+    )
+    p.add_argument("--deepspeed", help="DeepSpeed config JSON (run under accelerate launch / deepspeed)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    add_device_args(p)
+
+
+def run(args) -> int:
+    from ..train.recipe import run as run_recipe
+
+    if not args.model and not args.preset:
+        raise ConfigError("give --model PATH_OR_ID (or --preset NAME for a random-weight model)")
+    for key in ("batch_size", "grad_accum"):
+        if getattr(args, key) < 1:
+            raise ConfigError(f"--{key.replace('_', '-')}={getattr(args, key)} must be >= 1")
+    summary = run_recipe(args)
+    path = Path(args.output_dir) / "train_summary.json"
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    last = summary["losses"][-1] if summary["losses"] else float("nan")
+    print(
+        f"trained {summary['steps']} steps, last logged loss {last:.4f}; model and processor in "
+        f"{args.output_dir}; summary in {path}"
+    )
+    return 0
