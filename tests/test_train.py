@@ -252,3 +252,19 @@ def test_train_command_bad_arguments(data_dir, tmp_path, capsys, extra, message)
     ]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_samples_without_an_answer_span_are_not_reduced_in_training():
+    """PyramidDrop's rule: no instruction token before an answer means no query, so nothing is dropped."""
+    model, proc = build("llava")
+    from models import PROMPTS, make_inputs
+
+    inputs = make_inputs(proc, PROMPTS[:1])
+    labels = inputs["input_ids"].clone()
+    labels[:, :-4] = -100  # an answer span: the last four (text) tokens
+    with lv.apply(model, PDROP) as applied:
+        loss = model(**inputs, labels=inputs["input_ids"]).loss  # all supervised, visual included
+        assert applied.trace.visual_per_layer[0] == [16] * 5
+        assert torch.isfinite(loss)
+        model(**inputs, labels=labels)  # an answer span after the image: ranked and dropped
+        assert applied.trace.visual_per_layer[0][-1] < 16

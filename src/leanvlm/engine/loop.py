@@ -55,7 +55,6 @@ class _Call:
     visual_counts: list[int] = field(default_factory=list)
     state: TokenState | None = None
     reduced: bool = False
-    transform: object | None = None  # the hidden-state change made at the current layer (for replay)
     stage_states: list[TokenState] = field(default_factory=list)
     scores: dict[int, torch.Tensor] = field(default_factory=dict)
     masks: dict = field(default_factory=dict)
@@ -114,7 +113,6 @@ class Engine:
         self._labels: torch.Tensor | None = None
         self._vision_inputs: dict | None = None
         self._final: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._replay: dict[int, tuple] = {}
         self._call: _Call | None = None
         self._handles: list = []
         self._patched_generate = False
@@ -206,7 +204,6 @@ class Engine:
 
     def _text_pre(self, module, args, kwargs):
         self._call = None
-        self._replay = {}
         self._final = None
         embeds = kwargs.get("inputs_embeds")
         ref = embeds if embeds is not None else kwargs.get("input_ids", args[0] if args else None)
@@ -335,24 +332,12 @@ class Engine:
         def hook(module, args, kwargs):
             call = self._call
             if call is None:
-                return self._replay_layer(layer_idx, args, kwargs) if self._replay else None
+                return None
             if call.mode == "prefill":
                 return self._prefill_layer(layer_idx, call, args, kwargs)
             return self._extend_layer(layer_idx, call, args, kwargs)
 
         return hook
-
-    def _replay_layer(self, layer_idx: int, args, kwargs):
-        """Re-apply what the last forward did at this layer (its recomputation under gradient checkpointing)."""
-        entry = self._replay.get(layer_idx)
-        if entry is None:
-            return None
-        transform, updates = entry
-        hidden = args[0] if args else kwargs["hidden_states"]
-        if transform is not None:
-            hidden = transform(hidden)
-        kwargs.update(updates)
-        return self._set_hidden(args, kwargs, hidden)
 
     @staticmethod
     def _set_hidden(args, kwargs, hidden):
@@ -403,13 +388,6 @@ class Engine:
             kwargs["position_ids"] = (
                 s.pos if same_format else gather_positions(layer_pos.expand_as(call.valid), s.orig)
             )
-        if torch.is_grad_enabled():
-            # gradient checkpointing calls the layer again in backward, with its original arguments
-            updates = {
-                k: kwargs[k] for k in ("attention_mask", "position_embeddings", "position_ids") if k in kwargs
-            }
-            self._replay[layer_idx] = (call.transform, updates)
-        call.transform = None
         return self._set_hidden(args, kwargs, hidden)
 
     def _score(self, layer_idx: int, hidden: torch.Tensor, s: TokenState, call: _Call) -> torch.Tensor:
@@ -425,6 +403,8 @@ class Engine:
             weight = torch.ones_like(query_slots, dtype=torch.bool)
         else:
             query_slots, weight = compact_indices(in_prompt & ~s.visual)  # [B, Q]
+        if query_slots.shape[1] == 0:  # no sample has a query row (e.g. every token supervised): no ranking
+            return torch.zeros(s.orig.shape, device=hidden.device)
         with torch.no_grad():
             q, k, scaling = self.adapter.query_key(layer_idx, hidden.detach(), s.cos, s.sin, query_slots)
             visible = build_bool_mask(s.orig.gather(1, query_slots), s.orig, s.valid)[:, 0]  # [B, Q, n]
@@ -452,8 +432,7 @@ class Engine:
             return hidden, s
         index, present = compact_indices(keep)  # [B, m]
         dropped = candidates & ~keep
-        call.transform = lambda h: gather_rows(h, index)
-        hidden = call.transform(hidden)
+        hidden = gather_rows(hidden, index)
         pos = gather_positions(s.pos, index)
         if self.positions == "compact":
             pos = pos - gather_positions(dropped.long().cumsum(-1), index)
@@ -490,7 +469,6 @@ class Engine:
             sums = torch.zeros_like(h).scatter_add_(1, leader[..., None].expand(-1, -1, d), h)
             return gather_rows(sums / counts.clamp_min(1), index)
 
-        call.transform = pool
         hidden = pool(hidden)
         if stage.merge_position == "mean":
             pos = s.pos.float()
