@@ -427,6 +427,8 @@ class Engine:
         wanted = (wanted - last_is_visual.long()).clamp_min(
             0
         )  # the kept last token counts against the budget
+        if call.query_rows is not None:  # training: a sample without an answer span has no query; keep all
+            wanted = torch.where(call.query_rows.any(-1), wanted, candidates.sum(-1))
         keep = topk_keep(scores, candidates, torch.minimum(wanted, candidates.sum(-1)))
         if bool(keep.all()):
             return hidden, s
