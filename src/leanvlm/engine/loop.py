@@ -424,9 +424,7 @@ class Engine:
         last_is_visual = candidates.gather(1, last.clamp_min(0))[:, 0]
         candidates = candidates & (slots != last)
         wanted = torch.tensor([stage.keep(n) for n in call.visual_counts], device=hidden.device)
-        wanted = (wanted - last_is_visual.long()).clamp_min(
-            0
-        )  # the kept last token counts against the budget
+        wanted = (wanted - last_is_visual.long()).clamp_min(0)  # the kept last token uses up budget
         if call.query_rows is not None:  # training: a sample without an answer span has no query; keep all
             wanted = torch.where(call.query_rows.any(-1), wanted, candidates.sum(-1))
         keep = topk_keep(scores, candidates, torch.minimum(wanted, candidates.sum(-1)))

@@ -3,6 +3,7 @@ in-LLM method or staged schedule, on one device or under ``accelerate launch`` /
 
 from __future__ import annotations
 
+import argparse
 import functools
 from pathlib import Path
 
@@ -43,20 +44,22 @@ def freeze(model, part: str) -> None:
 def run(args) -> dict:
     from transformers import Trainer, TrainingArguments
 
-    from ..cli.common import load_model, resolve_dtype
+    from ..cli.common import check_device, load_model, resolve_dtype
     from .callback import ReductionCallback
     from .data import LlavaJsonDataset, collate
 
+    check_device(args.device)
     if args.method and args.schedule:
         raise ConfigError("give --method or --schedule, not both")
     reduction = parse_schedule(args.schedule) if args.schedule else parse_method(args.method or "none")
     dtype = resolve_dtype(args)
-    model, processor, label = load_model(args, dtype)
+    on_gpu = torch.device(args.device).type == "cuda"
+    # load on the CPU: the Trainer (or accelerate / DeepSpeed) places the model on each process's device
+    model, processor, label = load_model(argparse.Namespace(**{**vars(args), "device": "cpu"}), dtype)
     model.train()
     freeze(model, args.freeze)
     dataset = LlavaJsonDataset(args.data, processor, args.image_folder, max_length=args.max_length)
     pad_id = getattr(processor, "tokenizer", processor).pad_token_id
-    on_gpu = torch.device(args.device).type == "cuda"
     training_args = TrainingArguments(
         output_dir=args.output_dir,
         per_device_train_batch_size=args.batch_size,
