@@ -42,9 +42,9 @@ class BenchConfig:
 class Settings:
     repeats: int = 5
     warmup: int = 1
-    new_tokens: int = 32
+    new_tokens: int = 24
     #: prefill timings per config per round (prefill is the headline number and the cheapest to repeat)
-    prefill_per_round: int = 3
+    prefill_per_round: int = 5
 
 
 @dataclass

@@ -28,9 +28,9 @@ def add_parser(sub) -> None:
         help="comma list: 'default' (each method's reference setting) and/or the share of visual tokens kept "
         "on average over layers, in (0, 1] (default: %(default)s)",
     )
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats per config (median reported)")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds per config (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up rounds")
-    p.add_argument("--new-tokens", type=int, default=32, help="tokens generated for the decode timing")
+    p.add_argument("--new-tokens", type=int, default=24, help="tokens generated for the decode timing")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
     p.add_argument(
         "--out", default="leanvlm-bench.json", help="where to write the JSON (default: %(default)s)"
