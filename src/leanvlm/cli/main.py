@@ -9,8 +9,16 @@ import warnings
 
 from ..errors import LeanVLMError
 from . import bench, flops, generate, train, viz
+from . import eval as eval_cmd
 
-COMMANDS = {"bench": bench, "flops": flops, "generate": generate, "train": train, "viz": viz}
+COMMANDS = {
+    "bench": bench,
+    "eval": eval_cmd,
+    "flops": flops,
+    "generate": generate,
+    "train": train,
+    "viz": viz,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
