@@ -12,7 +12,7 @@ import functools
 
 import torch
 
-from leanvlm.presets import build_preset, demo_image
+from leanvlm.presets import build_preset, chat_prompt, demo_image
 from leanvlm.registry import find_adapter
 
 ADAPTERS = ["llava", "llava-next", "qwen2-vl", "qwen2.5-vl"]
@@ -42,11 +42,6 @@ def _build(adapter: str, attn: str, num_layers: int, image_size: int | None):
 
 def build(adapter: str, attn: str = "sdpa", num_layers: int = 5, image_size: int | None = None):
     return _build(adapter, attn, num_layers, image_size)
-
-
-def chat_prompt(proc, text: str, n_images: int) -> str:
-    content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
-    return proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
 def image_for(text: str, j: int, size: int | None):

@@ -490,14 +490,22 @@ def demo_llava(attn_implementation: str = "sdpa", dtype: torch.dtype = torch.flo
     return build_preset("demo", attn_implementation=attn_implementation, dtype=dtype, device=device, **shape)
 
 
-def chat_inputs(processor, prompt: str, images: list, device="cpu"):
-    """Processor outputs for one user turn with ``images`` followed by ``prompt``."""
-    n = len(images)
+def chat_prompt(processor, prompt: str, n_images: int) -> str:
+    """One user turn: ``n_images`` image placeholders, then ``prompt``, through the chat template."""
     if getattr(processor, "chat_template", None):
-        content = [{"type": "image"} for _ in range(n)] + [{"type": "text", "text": prompt}]
-        text = processor.apply_chat_template(
+        content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]
+        return processor.apply_chat_template(
             [{"role": "user", "content": content}], add_generation_prompt=True
         )
-    else:
-        text = (processor.image_token + "\n") * n + prompt
-    return processor(images=images or None, text=text, return_tensors="pt").to(device)
+    return (processor.image_token + "\n") * n_images + prompt
+
+
+def chat_inputs(processor, prompt: str | list[str], images: list, device="cpu"):
+    """Processor outputs for one user turn with ``images`` followed by ``prompt``; or, with a list of
+    prompts and a list of image lists, a left-padded batch of such turns."""
+    if isinstance(prompt, str):
+        prompt, images = [prompt], [images]
+    texts = [chat_prompt(processor, p, len(imgs)) for p, imgs in zip(prompt, images, strict=True)]
+    flat = [img for imgs in images for img in imgs]
+    batch = {"text": texts, "padding": True} if len(texts) > 1 else {"text": texts[0]}
+    return processor(images=flat or None, return_tensors="pt", **batch).to(device)

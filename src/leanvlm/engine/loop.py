@@ -441,15 +441,7 @@ class Engine:
         else:
             cos, sin = gather_rows(s.cos, index), gather_rows(s.sin, index)
         call.reduced = True
-        new = TokenState(
-            orig=s.orig.gather(1, index),
-            valid=s.valid.gather(1, index) & present,
-            visual=s.visual.gather(1, index) & present,
-            pos=pos,
-            cos=cos,
-            sin=sin,
-            shift=s.shift + dropped.sum(-1),
-        )
+        new = s.select(index, present, pos=pos, cos=cos, sin=sin, shift=s.shift + dropped.sum(-1))
         return hidden, new
 
     def _merge(self, stage_idx: int, hidden: torch.Tensor, call: _Call):
@@ -480,15 +472,7 @@ class Engine:
         pos = gather_positions(pos, index)
         cos, sin = self.adapter.rotary(hidden, pos)
         call.reduced = True
-        new = TokenState(
-            orig=s.orig.gather(1, index),
-            valid=s.valid.gather(1, index) & present,
-            visual=s.visual.gather(1, index) & present,
-            pos=pos,
-            cos=cos,
-            sin=sin,
-            shift=s.shift,
-        )
+        new = s.select(index, present, pos=pos, cos=cos, sin=sin, shift=s.shift)
         return hidden, new
 
     def _merge_groups(self, stage, s: TokenState, call: _Call) -> torch.Tensor:

@@ -45,6 +45,18 @@ class TokenState:
     sin: torch.Tensor
     shift: torch.Tensor
 
+    def select(self, index: torch.Tensor, present: torch.Tensor, *, pos, cos, sin, shift) -> TokenState:
+        """The state of the slots ``index`` [B, m] (``present`` False for filler slots)."""
+        return TokenState(
+            orig=self.orig.gather(1, index),
+            valid=self.valid.gather(1, index) & present,
+            visual=self.visual.gather(1, index) & present,
+            pos=pos,
+            cos=cos,
+            sin=sin,
+            shift=shift,
+        )
+
 
 @dataclass
 class KVMap:

@@ -153,19 +153,7 @@ class LeanVLMEval(lmms):
         return out
 
     def _inputs(self, contexts: list[str], visuals: list[list]):
-        if len(contexts) == 1:
-            return chat_inputs(self.processor, contexts[0], visuals[0], self._device)
-        texts, images = [], []
-        for context, vis in zip(contexts, visuals, strict=True):
-            content = [{"type": "image"} for _ in vis] + [{"type": "text", "text": context}]
-            texts.append(
-                self.processor.apply_chat_template(
-                    [{"role": "user", "content": content}], add_generation_prompt=True
-                )
-            )
-            images += vis
-        kwargs = {"images": images} if images else {}
-        return self.processor(text=texts, padding=True, return_tensors="pt", **kwargs).to(self._device)
+        return chat_inputs(self.processor, contexts, visuals, self._device)
 
     def _record(self, task, doc_id, sample: int, inputs, prefill_ms, decode_ms, new_tokens) -> None:
         trace = self.handle.trace
