@@ -201,3 +201,24 @@ def test_reset_cache_forgets_the_reduction_and_foreign_uneven_cache_is_refused()
         n = image_inputs["input_ids"].shape[1]
         with pytest.raises(lv.LeanVLMError, match="layers of different lengths .* no record"):
             step(model, torch.full((1, 1), 101), torch.ones(1, n + 1, dtype=torch.long), cache)
+
+
+def test_prompt_length_ranks_with_the_prompt_when_an_answer_is_appended():
+    """Scoring candidate answers appended to a prompt must not let the answer choose the visual tokens."""
+    model, proc = build("llava", num_layers=5)
+    inputs = make_inputs(proc, PROMPTS[:1])
+    n = inputs["input_ids"].shape[1]
+    answer = proc.tokenizer(" a cat on a chair", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    full = dict(
+        inputs,
+        input_ids=torch.cat([inputs["input_ids"], answer], -1),
+        attention_mask=torch.ones(1, n + answer.shape[1], dtype=torch.long),
+    )
+    with lv.apply(model, METHOD) as applied, torch.no_grad():
+        model(**inputs)
+        prompt_only = [k.clone() for stage in applied.trace.kept_visual for k in stage]
+        with applied.prompt_length(n):
+            model(**full)
+        with_answer = [k.clone() for stage in applied.trace.kept_visual for k in stage]
+        assert applied.engine.prompt_len is None  # restored after the block
+    assert all(torch.equal(a, b) for a, b in zip(prompt_only, with_answer, strict=True))

@@ -45,13 +45,14 @@ def expected_rows(path, method):
     model = LlavaForConditionalGeneration.from_pretrained(path).eval()
     proc = AutoProcessor.from_pretrained(path)
     rows = []
-    with lv.apply(model, *([method] if method else [])), torch.inference_mode():
+    with lv.apply(model, *([method] if method else [])) as applied, torch.inference_mode():
         for i, question in enumerate(QUESTIONS):
             image = demo_image(56, seed=i)
             inputs = chat_inputs(proc, question, [image])
             out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
             answer = proc.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
             scores = []
+            prompt_length = inputs["input_ids"].shape[1]
             for choice in CHOICES:
                 cont = proc.tokenizer(" " + choice, add_special_tokens=False, return_tensors="pt")[
                     "input_ids"
@@ -63,7 +64,9 @@ def expected_rows(path, method):
                         1, inputs["input_ids"].shape[1] + cont.shape[1], dtype=torch.long
                     ),
                 )
-                logp = torch.log_softmax(model(**full).logits[0, -cont.shape[1] - 1 : -1].float(), -1)
+                with applied.prompt_length(prompt_length):  # rank with the prompt, not the candidate answer
+                    logits = model(**full).logits
+                logp = torch.log_softmax(logits[0, -cont.shape[1] - 1 : -1].float(), -1)
                 scores.append(float(logp.gather(-1, cont[0][:, None]).mean()))  # lmms-eval: mean token loss
             rows.append(
                 {

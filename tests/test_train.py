@@ -107,6 +107,70 @@ def test_schedule_advances_on_optimizer_steps_not_forward_calls(data_dir, tmp_pa
     assert callback.handle is None and not lv.remove(model)  # removed at the end of training
 
 
+def test_conversations_start_with_the_user():
+    from leanvlm.train.data import to_messages
+
+    conv = [
+        {"from": "gpt", "value": "Hello."},
+        {"from": "human", "value": "<image>\nHi?"},
+        {"from": "gpt", "value": "A cat."},
+    ]
+    assert [m["role"] for m in to_messages(conv)] == ["user", "assistant"]
+
+
+def test_llava_next_batches_with_different_tile_counts_collate(tmp_path):
+    model, proc = build_preset("tiny-llava-next", num_layers=5)
+    records = []
+    for i, size in enumerate((56, 112)):
+        demo_image(size, seed=i).save(tmp_path / f"im{i}.png")
+        records.append(
+            {
+                "image": f"im{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat is it?"},
+                    {"from": "gpt", "value": "A cat."},
+                ],
+            }
+        )
+    (tmp_path / "d.json").write_text(json.dumps(records))
+    dataset = LlavaJsonDataset(tmp_path / "d.json", proc)
+    batch = collate([dataset[0], dataset[1]], proc.tokenizer.pad_token_id)
+    assert batch["pixel_values"].shape[1] == max(dataset[i]["pixel_values"].shape[1] for i in range(2))
+    with lv.apply(model, PDROP):
+        loss = model(**batch).loss
+    assert torch.isfinite(loss)
+
+
+def test_callback_state_restores_from_a_checkpoint(data_dir, tmp_path):
+    schedule = lv.StagedSchedule(((0.5, VCC), (0.5, PDROP)))
+    model, proc = fresh()
+    trainer = trainer_for(
+        model,
+        proc,
+        data_dir,
+        tmp_path,
+        ReductionCallback(schedule),
+        max_steps=4,
+        save_strategy="steps",
+        save_steps=2,
+    )
+    trainer.train()
+    model, proc = fresh()
+    trainer = trainer_for(
+        model,
+        proc,
+        data_dir,
+        tmp_path,
+        ReductionCallback(None),
+        max_steps=4,
+        restore_callback_states_from_checkpoint=True,
+    )
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    restored = next(c for c in trainer.callback_handler.callbacks if isinstance(c, ReductionCallback))
+    assert restored.schedule == schedule  # the checkpoint's schedule, not the placeholder's
+    assert restored.switches[-1] == (2, 1)
+
+
 def test_schedule_position_survives_save_and_resume(data_dir, tmp_path):
     schedule = lv.StagedSchedule(((0.5, VCC), (0.5, PDROP)))
     model, proc = fresh()
@@ -223,6 +287,14 @@ def test_train_command_runs_and_resumes(data_dir, tmp_path, capsys):
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["steps"] == 4 and len(summary["losses"]) == 4
     assert (out / "model.safetensors").exists() and (out / "checkpoint-4").exists()
+    from safetensors.torch import load_file
+
+    assert main(argv + ["--resume"]) == 0  # nothing left to train: the weights must be the checkpoint's
+    trained, resumed = (
+        load_file(out / "checkpoint-4" / "model.safetensors"),
+        load_file(out / "model.safetensors"),
+    )
+    assert trained.keys() == resumed.keys() and all(torch.equal(trained[k], resumed[k]) for k in trained)
     resume = (
         argv[: argv.index("--max-steps") + 1] + ["6"] + argv[argv.index("--max-steps") + 2 :] + ["--resume"]
     )

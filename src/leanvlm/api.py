@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 from .engine import Engine, Trace
@@ -27,6 +28,18 @@ class Applied:
     def trace(self) -> Trace:
         """Token counts each decoder layer processed in the last prefill (see :class:`Trace`)."""
         return self.engine.trace
+
+    @contextlib.contextmanager
+    def prompt_length(self, n: int):
+        """Within this block, forward passes rank visual tokens with the query of a prompt of ``n``
+        tokens (e.g. the last prompt token) even when the input continues past it, as when scoring
+        candidate answers appended to a prompt. ``generate()`` does this by itself."""
+        previous = self.engine.prompt_len
+        self.engine.prompt_len = int(n)
+        try:
+            yield self
+        finally:
+            self.engine.prompt_len = previous
 
     @property
     def active(self) -> bool:

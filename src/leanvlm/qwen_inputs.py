@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 
 QWEN_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\\n"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% for item in message['content'] %}{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}<|im_end|>\\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\\n{% endif %}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
 

@@ -4,9 +4,10 @@
 
 Every ``--model_args`` key that is not a loading option below is an argument of the method, parsed
 and validated exactly as the Python API does (same errors). Loading options: ``pretrained``,
-``method`` (a registered name or ``none``), ``device``, ``dtype`` (default float32 on CPU, bfloat16
-on GPU), ``attn`` (sdpa, eager, flash_attention_2), ``batch_size``, ``max_new_tokens`` (default when a
-task sets none), ``stats_path`` (the sidecar JSON, default ``leanvlm_eval_stats.json``).
+``method`` (a registered name or ``none``), ``dtype`` (default float32 on CPU, bfloat16 on GPU),
+``attn`` (sdpa, eager, flash_attention_2), ``max_new_tokens`` (default when a task sets none),
+``stats_path`` (the sidecar JSON, default ``leanvlm_eval_stats.json``). The batch size and device
+come from lmms-eval's own ``--batch_size`` and ``--device``.
 
 Besides the task scores lmms-eval writes, the sidecar records per sample and on average the visual
 tokens kept, the layer-averaged visual tokens, the prefill FLOPs (real convention, from the engine's
@@ -30,17 +31,6 @@ from ..api import apply
 from ..errors import ConfigError, LeanVLMError
 from ..methods.spec import build_method, parse_value
 from ..presets import chat_inputs, load_pretrained
-
-LOADING_KEYS = (
-    "pretrained",
-    "method",
-    "device",
-    "dtype",
-    "attn",
-    "batch_size",
-    "max_new_tokens",
-    "stats_path",
-)
 
 
 class PrefillTimer:
@@ -97,6 +87,11 @@ class LeanVLMEval(lmms):
         # the method first: a bad argument fails before a model is loaded, with the API's own message
         method_args = {k: parse_value(v) if isinstance(v, str) else v for k, v in method_args.items()}
         self.method = build_method(str(method), method_args)
+        if not str(batch_size).isdigit() or int(batch_size) < 1:
+            raise ConfigError(
+                f"batch_size={batch_size!r} must be a whole number >= 1 ('auto' is not supported)"
+            )
+        self.batch_size_per_gpu = int(batch_size)
         self._device = torch.device(device)
         if self._device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device={device!r}: CUDA is not available on this machine")
@@ -110,9 +105,7 @@ class LeanVLMEval(lmms):
         self.tokenizer.padding_side = "left"
         self.handle = apply(self.model, *([self.method] if self.method else []))
         self.shape = type(self.handle.adapter).model_shape(self.model.config)
-        self.batch_size_per_gpu = int(batch_size)
-        if self.batch_size_per_gpu < 1:
-            raise ConfigError(f"batch_size={batch_size} must be >= 1")
+
         self.max_new_tokens = int(max_new_tokens)
         self.stats_path = Path(stats_path)
         self.samples: list[dict] = []
@@ -265,7 +258,7 @@ class LeanVLMEval(lmms):
                 self._record(
                     task,
                     doc_id,
-                    row,
+                    row * int(gen_kwargs.get("num_beams", 1) or 1),  # the prefill ran every beam
                     inputs,
                     timer.prefill_ms / n,
                     (total_ms - timer.prefill_ms) / n,
@@ -287,9 +280,11 @@ class LeanVLMEval(lmms):
             continuation = doc_to_target if isinstance(doc_to_target, str) else doc_to_target(doc)
             visuals = self._visuals(doc_to_visual, task, split, doc_id)
             prompt = chat_inputs(self.processor, context, visuals, self._device)
-            logprob, greedy, n_tokens = continuation_logprob(
-                self.model, self.processor, prompt, continuation, visuals, self._device
-            )
+            # rank with the prompt's last token, not the candidate answer's
+            with self.handle.prompt_length(prompt["input_ids"].shape[1]):
+                logprob, greedy, n_tokens = continuation_logprob(
+                    self.model, self.processor, prompt, continuation, visuals, self._device
+                )
             # lmms-eval scores multiple choice with argmin: its HF backends return the continuation's mean
             # per-token loss, and so does this one (comparable scores). Its 0.7.3 response normaliser turns a
             # plain (value, is_greedy) tuple into a string; a GenerationResult passes it through intact.

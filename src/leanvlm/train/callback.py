@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from ..api import Applied, apply
 from ..errors import ConfigError
 from ..methods.base import Method
+from ..methods.spec import build_method
 from .schedule import StagedSchedule
 
 
@@ -24,7 +27,9 @@ class ReductionCallback(TrainerCallback, ExportableState):
     answer span, without gradient through the ranking.
     """
 
-    def __init__(self, method_or_schedule: Method | StagedSchedule | None):
+    def __init__(self, method_or_schedule: Method | StagedSchedule | None = None, *, schedule_spec=None):
+        if schedule_spec is not None:  # rebuilt by the Trainer from a checkpoint's stored state
+            method_or_schedule = schedule_from_spec(schedule_spec)
         if method_or_schedule is None or isinstance(method_or_schedule, Method):
             method_or_schedule = StagedSchedule(((1.0, method_or_schedule),))
         if not isinstance(method_or_schedule, StagedSchedule):
@@ -49,7 +54,10 @@ class ReductionCallback(TrainerCallback, ExportableState):
 
     # --- checkpoint state -------------------------------------------------------------------------------
     def state(self) -> dict:
-        return {"args": {}, "attributes": {"stage_index": self.stage_index, "switches": self.switches}}
+        return {
+            "args": {"schedule_spec": schedule_to_spec(self.schedule)},
+            "attributes": {"stage_index": self.stage_index, "switches": self.switches},
+        }
 
     # --- internals ---------------------------------------------------------------------------------------
     def _activate(self, model, state) -> None:
@@ -67,6 +75,30 @@ class ReductionCallback(TrainerCallback, ExportableState):
         if self.handle is not None:
             self.handle.remove()
             self.handle = None
+
+
+def schedule_to_spec(schedule: StagedSchedule) -> list:
+    """JSON form of a schedule: [[fraction, method name or None, {field: value}], ...]."""
+    out = []
+    for fraction, method in schedule.stages:
+        if method is None:
+            out.append([fraction, None, {}])
+        else:
+            fields = {f.name: getattr(method, f.name) for f in dataclasses.fields(method)}
+            out.append(
+                [
+                    fraction,
+                    method.name,
+                    {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()},
+                ]
+            )
+    return out
+
+
+def schedule_from_spec(spec: list) -> StagedSchedule:
+    return StagedSchedule(
+        tuple((fraction, build_method(name or "none", kwargs)) for fraction, name, kwargs in spec)
+    )
 
 
 def _unwrap(model):

@@ -26,7 +26,10 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 
 def to_messages(conversations: list[dict]) -> list[dict]:
     messages = []
-    for turn in conversations:
+    turns = list(conversations)
+    while turns and ROLES.get(turns[0].get("from")) == "assistant":
+        turns = turns[1:]  # a conversation starts with the user (LLaVA's preprocessing drops such turns too)
+    for turn in turns:
         role = ROLES.get(turn.get("from"))
         if role is None:
             raise ConfigError(f"conversation turn {turn!r}: 'from' must be one of {', '.join(ROLES)}")
@@ -127,6 +130,10 @@ def collate(batch: list[dict], pad_token_id: int) -> dict:
             out[key] = torch.stack(rows)
     for key in ("pixel_values", "image_sizes", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
         present = [s[key] for s in batch if key in s]
-        if present:
-            out[key] = torch.cat(present)
+        if not present:
+            continue
+        if present[0].dim() == 5:  # LLaVA-NeXT: [images, crops, C, H, W]; crops differ per image
+            crops = max(t.shape[1] for t in present)
+            present = [torch.nn.functional.pad(t, (0, 0, 0, 0, 0, 0, 0, crops - t.shape[1])) for t in present]
+        out[key] = torch.cat(present)
     return out

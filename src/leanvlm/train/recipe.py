@@ -41,6 +41,15 @@ def freeze(model, part: str) -> None:
             p.requires_grad_(False)
 
 
+def load_weights(model, checkpoint: str):
+    """``model`` with the weights of ``checkpoint`` (a folder written by ``save_pretrained``)."""
+    if not Path(checkpoint).is_dir():
+        raise ConfigError(f"--resume {checkpoint!r} is not a checkpoint folder")
+    loaded = type(model).from_pretrained(checkpoint, dtype=next(model.parameters()).dtype)
+    loaded.train()
+    return loaded
+
+
 def run(args) -> dict:
     from transformers import Trainer, TrainingArguments
 
@@ -81,6 +90,17 @@ def run(args) -> dict:
         seed=args.seed,
         disable_tqdm=args.no_progress,
     )
+    resume = args.resume
+    if resume == "auto":
+        from transformers.trainer_utils import get_last_checkpoint
+
+        resume = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+    if resume:
+        # the Trainer restores optimizer, scheduler and step from the checkpoint, but loads its weights with
+        # load_state_dict(strict=False), which silently skips VLM checkpoints saved under legacy key names:
+        # load the weights through from_pretrained instead
+        model = load_weights(model, resume)
+        freeze(model, args.freeze)
     callback = ReductionCallback(reduction)
     trainer = Trainer(
         model=model,
@@ -89,10 +109,10 @@ def run(args) -> dict:
         data_collator=functools.partial(collate, pad_token_id=pad_id),
         callbacks=[callback],
     )
-    resume = args.resume
-    if resume == "auto":
-        resume = any(Path(args.output_dir).glob("checkpoint-*"))
-    result = trainer.train(resume_from_checkpoint=resume or None)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume or None)
+    finally:
+        callback._deactivate()  # also when training fails: leave the model without hooks
     trainer.save_model(args.output_dir)
     if hasattr(processor, "save_pretrained"):
         processor.save_pretrained(args.output_dir)
