@@ -112,6 +112,18 @@ class Method:
         return f"{type(self).__name__}({fields})"
 
 
+def early_layer_for_budget(owner: str, budget: float, num_layers: int) -> int:
+    """Layer 2 (or the last one on shallower models), after checking that keeping everything before it
+    still fits in ``budget`` (the share of visual tokens kept on average over the layers)."""
+    layer = min(2, num_layers - 1)
+    low = layer / num_layers
+    if not low < budget <= 1:
+        raise ConfigError(
+            f"{owner}: budget={budget} is outside ({low:.3g}, 1] for layer={layer} of {num_layers}"
+        )
+    return layer
+
+
 def check_layer(owner: str, name: str, value: int, num_layers: int) -> None:
     """A reduction layer must leave at least one layer before it and one after."""
     if not 1 <= value <= num_layers - 1:

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError, check_range
 from ..registry import register_method
-from .base import POSITIONS, QUERIES, DropStage, Method, check_layer
+from .base import POSITIONS, QUERIES, DropStage, Method, check_layer, early_layer_for_budget
 
 
 @register_method("fastv")
@@ -66,12 +66,7 @@ class FastV(Method):
 
     @classmethod
     def at_budget(cls, budget: float, num_layers: int) -> FastV:
-        layer = min(2, num_layers - 1)
-        low = layer / num_layers
-        if not low < budget <= 1:
-            raise ConfigError(
-                f"FastV: budget={budget} is outside ({low:.3g}, 1] for layer={layer} of {num_layers}"
-            )
+        layer = early_layer_for_budget("FastV", budget, num_layers)
         return cls(layer=layer, keep_ratio=round((budget * num_layers - layer) / (num_layers - layer), 6))
 
     def check_model(self, num_layers: int) -> None:

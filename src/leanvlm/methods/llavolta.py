@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 from ..registry import register_method
-from .base import MergeStage, Method, check_layer
+from .base import MergeStage, Method, check_layer, early_layer_for_budget
 
 POOLS = ("1d", "2d")
 MERGE_POSITIONS = ("mean", "first")
@@ -97,11 +97,6 @@ class VisualContextCompression(Method):
     @classmethod
     def at_budget(cls, budget: float, num_layers: int) -> VisualContextCompression:
         """The integer stride whose layer average is closest to ``budget`` (pooling can not hit it exactly)."""
-        layer = min(2, num_layers - 1)
-        low = layer / num_layers
-        if not low < budget <= 1:
-            raise ConfigError(
-                f"VisualContextCompression: budget={budget} is outside ({low:.3g}, 1] for layer={layer} of {num_layers}"
-            )
+        layer = early_layer_for_budget("VisualContextCompression", budget, num_layers)
         stride = max(1, round((num_layers - layer) / (budget * num_layers - layer)))
         return cls(layer=layer, stride=stride)
