@@ -5,6 +5,7 @@ import torch
 from models import PROMPTS, build, make_inputs, visual_counts
 
 import leanvlm as lv
+from leanvlm import compat
 from leanvlm.registry import find_adapter
 
 QWEN = ["qwen2-vl", "qwen2.5-vl"]
@@ -183,11 +184,11 @@ def test_continuing_a_cache_with_another_method_is_refused():
     model, proc = build("llava")
     inputs = make_inputs(proc, PROMPTS[:2])
     with lv.apply(model, lv.FastV(layer=2, keep_ratio=0.5)), torch.no_grad():
-        cache = model(**inputs, use_cache=True).past_key_values
+        cache = compat.output_cache(model(**inputs, use_cache=True))
     mask = torch.cat([inputs["attention_mask"], torch.ones(2, 1, dtype=torch.long)], -1)
     for other in (lv.PyramidDrop(layers=(1, 3), keep_ratios=(0.5, 0.25)), None):
         with (
             lv.apply(model, *([other] if other else [])),
             pytest.raises(lv.LeanVLMError, match="continue a cache with the method that filled it"),
         ):
-            model(input_ids=torch.full((2, 1), 7), attention_mask=mask, past_key_values=cache)
+            model(input_ids=torch.full((2, 1), 7), attention_mask=mask, **{compat.cache_kwarg(model): cache})

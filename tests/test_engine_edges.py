@@ -5,15 +5,16 @@ import torch
 from models import PROMPTS, build, make_inputs
 
 import leanvlm as lv
+from leanvlm import compat
 
 METHOD = lv.PyramidDrop(layers=(1, 3), keep_ratios=(0.5, 0.25))
 
 
 def step(model, token, mask, cache):
     with torch.no_grad():
-        return model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True).logits[
-            :, -1
-        ]
+        return model(
+            input_ids=token, attention_mask=mask, **{compat.cache_kwarg(model): cache}, use_cache=True
+        ).logits[:, -1]
 
 
 def test_cropped_cache_continues_like_a_fresh_one():
@@ -24,16 +25,16 @@ def test_cropped_cache_continues_like_a_fresh_one():
     a, b, c = (torch.full((2, 1), t) for t in (101, 102, 103))
     ones = torch.ones(2, 1, dtype=mask.dtype)
     with lv.apply(model, METHOD), torch.no_grad():
-        cache = model(**inputs, use_cache=True).past_key_values
-        lengths = [layer.get_seq_length() for layer in cache.layers]
+        cache = compat.output_cache(model(**inputs, use_cache=True))
+        lengths = compat.layer_lengths(cache)
         step(model, a, torch.cat([mask, ones], -1), cache)
         step(model, b, torch.cat([mask, ones, ones], -1), cache)
         cache.crop(-1)  # drop b
         after_crop = step(model, c, torch.cat([mask, ones, ones], -1), cache)
-        fresh = model(**inputs, use_cache=True).past_key_values
+        fresh = compat.output_cache(model(**inputs, use_cache=True))
         step(model, a, torch.cat([mask, ones], -1), fresh)
         reference = step(model, c, torch.cat([mask, ones, ones], -1), fresh)
-        assert [layer.get_seq_length() for layer in cache.layers] == [n + 2 for n in lengths]
+        assert compat.layer_lengths(cache) == [n + 2 for n in lengths]
         cache.crop(-4)  # into the prompt
         with pytest.raises(lv.LeanVLMError, match="cropped to .* into the reduced"):
             step(model, c, torch.cat([mask[:, :-2], ones], -1), cache)
@@ -173,13 +174,13 @@ def test_copied_cache_and_reapplied_method_continue_correctly():
     mask = torch.cat([inputs["attention_mask"], torch.ones(2, 1, dtype=torch.long)], -1)
     token = torch.full((2, 1), 101)
     with lv.apply(model, METHOD), torch.no_grad():
-        cache = model(**inputs, use_cache=True).past_key_values
+        cache = compat.output_cache(model(**inputs, use_cache=True))
         copied = copy.deepcopy(cache)
         reference = step(model, token, mask, cache)
         from_copy = step(model, token, mask, copied)
     torch.testing.assert_close(from_copy, reference)
     with torch.no_grad(), lv.apply(model, METHOD):
-        cache = model(**inputs, use_cache=True).past_key_values
+        cache = compat.output_cache(model(**inputs, use_cache=True))
     with lv.apply(model, METHOD):  # removed and applied again between prefill and decode
         after_reapply = step(model, token, mask, cache)
     torch.testing.assert_close(after_reapply, reference)
@@ -192,11 +193,11 @@ def test_reset_cache_forgets_the_reduction_and_foreign_uneven_cache_is_refused()
     with torch.no_grad():
         base = model(**text_inputs).logits[:, -1]
     with lv.apply(model, METHOD), torch.no_grad():
-        cache = model(**image_inputs, use_cache=True).past_key_values
+        cache = compat.output_cache(model(**image_inputs, use_cache=True))
         cache.reset()
-        reused = model(**text_inputs, past_key_values=cache, use_cache=True).logits[:, -1]
+        reused = model(**text_inputs, **{compat.cache_kwarg(model): cache}, use_cache=True).logits[:, -1]
         torch.testing.assert_close(reused, base)
-        cache = model(**image_inputs, use_cache=True).past_key_values
+        cache = compat.output_cache(model(**image_inputs, use_cache=True))
         del cache._leanvlm_kv_record  # as if filled by something that kept no record
         n = image_inputs["input_ids"].shape[1]
         with pytest.raises(lv.LeanVLMError, match="layers of different lengths .* no record"):

@@ -4,7 +4,7 @@ import pytest
 from models import PROMPTS, build, make_inputs
 
 import leanvlm as lv
-from leanvlm import flops
+from leanvlm import compat, flops
 from leanvlm.adapters import LlavaAdapter
 from leanvlm.presets import preset_config
 
@@ -97,7 +97,7 @@ def test_trace_counts_equal_what_the_formula_assumes(method):
     assert [lf.tokens for lf in measured.layers] == tokens
     assert [lf.visual for lf in measured.layers] == visual
     assert measured.images == 1
-    real_kv = sum(layer.keys.numel() + layer.values.numel() for layer in out.past_key_values.layers) * 4
+    real_kv = sum(k.numel() + v.numel() for k, v in compat.layer_tensors(compat.output_cache(out))) * 4
     assert measured.kv_bytes == real_kv
     # the ranking work the trace recorded is what the schedule implies (one query row per ranking step)
     assert [n for n, _ in applied.trace.scoring_counts(0)] == [

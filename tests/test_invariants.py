@@ -7,6 +7,7 @@ import torch
 from models import ADAPTERS, PROMPTS, build, make_inputs, visual_counts
 
 import leanvlm as lv
+from leanvlm import compat
 
 NUM_LAYERS = 5
 GEN = dict(max_new_tokens=6, do_sample=False)
@@ -272,7 +273,7 @@ def test_trace_counts_llava15_shape(method, expected):
         tokens = applied.trace.tokens_per_layer[0]
         cache_lengths = None
         out = model(**inputs, use_cache=True)
-        cache_lengths = [layer.get_seq_length() for layer in out.past_key_values.layers]
+        cache_lengths = compat.layer_lengths(compat.output_cache(out))
     n_text = inputs["input_ids"].shape[1] - 576
     assert visual == expected
     assert tokens == [n_text + v for v in expected]

@@ -2,8 +2,9 @@
 
 from . import adapters as _adapters  # noqa: F401  (registers the adapters)
 from .api import Applied, apply, last_report, remove
-from .errors import ConfigError, IncompatibleMethodsError, LeanVLMError, UnsupportedModelError
+from .errors import CompatError, ConfigError, IncompatibleMethodsError, LeanVLMError, UnsupportedModelError
 from .methods import FastV, Method, PyramidDrop, VisualContextCompression
+from .methods.spec import parse_method
 from .registry import METHODS
 from .train.schedule import StagedSchedule
 
@@ -12,6 +13,7 @@ __version__ = "0.1.0"
 __all__ = [
     "METHODS",
     "Applied",
+    "CompatError",
     "ConfigError",
     "FastV",
     "IncompatibleMethodsError",
@@ -23,5 +25,6 @@ __all__ = [
     "VisualContextCompression",
     "apply",
     "last_report",
+    "parse_method",
     "remove",
 ]

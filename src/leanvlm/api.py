@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 
+from . import compat
 from .engine import Engine, Trace
 from .errors import ConfigError, IncompatibleMethodsError, LeanVLMError, UnsupportedModelError
 from .methods.base import Method
@@ -26,16 +27,20 @@ class Applied:
 
     @property
     def trace(self) -> Trace:
-        """Token counts each decoder layer processed in the last prefill (see :class:`Trace`)."""
+        """What the model processed: per layer in the last prefill (``tokens_per_layer``,
+        ``visual_per_layer``) and per decode step since then (``decode``); see :class:`Trace`."""
         return self.engine.trace
 
     @contextlib.contextmanager
     def prompt_length(self, n: int):
         """Within this block, forward passes rank visual tokens with the query of a prompt of ``n``
         tokens (e.g. the last prompt token) even when the input continues past it, as when scoring
-        candidate answers appended to a prompt. ``generate()`` does this by itself."""
+        candidate answers appended to a prompt. ``n`` counts positions of the (left-padded) input, so
+        it must reach past every sample's padding. ``generate()`` does this by itself."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError(f"prompt_length: n={n!r} must be an int >= 1 (positions of the padded prompt)")
         previous = self.engine.prompt_len
-        self.engine.prompt_len = int(n)
+        self.engine.prompt_len = n
         try:
             yield self
         finally:
@@ -75,6 +80,7 @@ def apply(model, *methods: Method) -> Applied:
     for m in methods:
         if not isinstance(m, Method):
             raise ConfigError(f"apply() takes method configs such as lv.FastV(...); got {m!r}")
+    compat.warn_if_untested()
     adapter = find_adapter(model)
     llm = [m for m in methods if m.stage == "llm"]
     if len(llm) > 1:

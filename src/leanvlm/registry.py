@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import TYPE_CHECKING
 
-from .errors import LeanVLMError, UnsupportedModelError
+from .errors import ConfigError, LeanVLMError, UnsupportedModelError, show
 
 if TYPE_CHECKING:
     from .adapters.base import Adapter
@@ -13,17 +15,76 @@ METHODS: dict[str, type] = {}
 ADAPTERS: dict[str, type[Adapter]] = {}
 
 
-def register_method(name: str):
-    """Class decorator: make a method config available under ``name`` (CLI, bench, eval)."""
+def _normalize(name: str) -> str:
+    return name.lower().replace("-", "").replace("_", "")
+
+
+def register_method(name: str, aliases: tuple[str, ...] = ()):
+    """Class decorator: make a method config available under ``name`` (CLI, bench, eval).
+
+    :func:`get_method` also finds it by its class name and by ``aliases`` (case-insensitive, ``-`` and
+    ``_`` ignored). Its constructor refuses unknown arguments (and too many positional ones) with a
+    :class:`ConfigError` that lists the allowed ones.
+    """
 
     def deco(cls):
-        if name in METHODS:
-            raise LeanVLMError(f"a method named {name!r} is already registered ({METHODS[name].__name__})")
+        if isinstance(aliases, str):
+            raise LeanVLMError(f"register_method: aliases={aliases!r} must be a tuple of names")
+        taken = {_normalize(n): owner for owner in METHODS.values() for n in _lookup_names(owner)}
+        for n in (name, cls.__name__, *aliases):
+            if _normalize(n) in taken:
+                raise LeanVLMError(
+                    f"a method named {n!r} is already registered ({taken[_normalize(n)].__name__})"
+                )
         cls.name = name
+        cls.aliases = tuple(aliases)
+        _check_arguments(cls)
         METHODS[name] = cls
         return cls
 
     return deco
+
+
+def _lookup_names(cls) -> tuple[str, ...]:
+    return (cls.name, cls.__name__, *getattr(cls, "aliases", ()))
+
+
+def _check_arguments(cls) -> None:
+    """Wrap ``cls.__init__`` (the dataclass-generated one) so that bad argument names or counts raise
+    ConfigError naming them, instead of a bare TypeError."""
+    init = cls.__init__
+    signature = inspect.signature(init)
+    params = list(signature.parameters.values())[1:]  # without self
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    positional = [p.name for p in params if p.kind in kinds]
+    named = [p.name for p in params if p.kind is not inspect.Parameter.POSITIONAL_ONLY]
+    var_positional = any(p.kind is p.VAR_POSITIONAL for p in params)
+    owner = cls.__name__
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        unknown = [k for k in kwargs if k not in named]
+        if unknown:
+            raise ConfigError(
+                f"{owner}: unknown argument(s) {', '.join(map(str, unknown))}; allowed: {', '.join(sorted(named))}"
+            )
+        if len(args) > len(positional) and not var_positional:
+            raise ConfigError(
+                f"{owner}: takes at most {len(positional)} positional argument(s) "
+                f"({', '.join(positional)}); got {len(args)}: {show(args)}"
+            )
+        twice = [n for n in positional[: len(args)] if n in kwargs]
+        if twice:
+            raise ConfigError(f"{owner}: argument(s) {', '.join(twice)} given both by position and by name")
+        try:
+            signature.bind(self, *args, **kwargs)
+        except TypeError as err:  # e.g. a required argument left out
+            raise ConfigError(f"{owner}: {err}") from None
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
 
 
 def register_adapter(cls):
@@ -60,8 +121,18 @@ def adapter_class(model_class_name: str) -> type[Adapter]:
 
 
 def get_method(name: str) -> type:
-    key = name.lower().replace("-", "").replace("_", "")
-    for registered, cls in METHODS.items():
-        if registered.replace("_", "") == key:
+    """The registered method called ``name``: its registered name, class name or an alias
+    (case-insensitive, ``-`` and ``_`` ignored)."""
+    if not isinstance(name, str):
+        raise ConfigError(f"method name {show(name)} must be a string; registered methods: {_known()}")
+    key = _normalize(name)
+    for cls in METHODS.values():
+        if key in {_normalize(n) for n in _lookup_names(cls)}:
             return cls
-    raise LeanVLMError(f"unknown method {name!r}; registered methods: {', '.join(sorted(METHODS))}")
+    raise ConfigError(f"unknown method {show(name)}; registered methods: {_known()}")
+
+
+def _known() -> str:
+    names = ", ".join(sorted(METHODS))
+    aliases = sorted(a for cls in METHODS.values() for a in getattr(cls, "aliases", ()))
+    return f"{names} (aliases: {', '.join(aliases)})" if aliases else names

@@ -5,9 +5,48 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import UnsupportedModelError
+from .. import compat
+from ..errors import LeanVLMError, UnsupportedModelError
 from ..flops import ModelShape, TextShape
 from ..ops.rope import apply_rope
+
+
+def assign_image_ids(visual: torch.Tensor, counts: list[int] | int | None, first: int = 0) -> torch.Tensor:
+    """[B, N] long: the image (numbered from ``first`` over the batch, in order) of each visual token, -1
+    elsewhere. Images fill the visual positions in row-major order, as the model scatters their features.
+
+    ``counts``: placeholder tokens of each image of the batch, in order; an int when every image has
+    the same count; None when unknown (then each run of consecutive visual tokens is one image)."""
+    rows = visual.tolist()
+    out = [[-1] * len(r) for r in rows]
+    total = sum(map(sum, rows))
+    if isinstance(counts, int) and counts > 0:
+        if total % counts:
+            raise LeanVLMError(
+                f"the inputs hold {total} visual tokens, not a multiple of the {counts} tokens every image gives"
+            )
+        counts = [counts] * (total // counts)
+    if counts is not None and sum(counts) != total:
+        raise LeanVLMError(
+            f"the inputs hold {total} visual tokens but their images account for {sum(counts)} "
+            f"({counts}); the placeholders do not match the images"
+        )
+    image, left = first - 1, 0
+    for b, row in enumerate(rows):
+        previous = False
+        for j, is_visual in enumerate(row):
+            if is_visual:
+                if counts is None:
+                    if not previous:
+                        image += 1
+                else:
+                    if left == 0:
+                        image += 1
+                        left = counts[image - first]
+                    left -= 1
+                out[b][j] = image
+            previous = is_visual
+    return torch.tensor(out, dtype=torch.long, device=visual.device).reshape(visual.shape)
 
 
 class Adapter:
@@ -58,7 +97,7 @@ class Adapter:
 
     @property
     def attn_implementation(self) -> str:
-        return self.text_config._attn_implementation or "eager"
+        return compat.attn_implementation(self.text_config)
 
     @classmethod
     def model_shape(cls, config) -> ModelShape:
@@ -112,6 +151,16 @@ class Adapter:
         """[B, N] bool: which input positions hold visual tokens."""
         raise NotImplementedError
 
+    def image_token_counts(self, vision_inputs: dict) -> list[int] | int | None:
+        """Placeholder tokens of each image of the batch in order (an int when every image has the same
+        count; None when the inputs do not say)."""
+        return None
+
+    def image_ids(self, visual: torch.Tensor, vision_inputs: dict | None) -> torch.Tensor:
+        """[B, N] long: which image of the batch each visual token of ``visual`` [B, N] belongs to (-1 for
+        other tokens). Images that stand back to back are told apart by their token counts."""
+        return assign_image_ids(visual, self.image_token_counts(vision_inputs or {}))
+
     def query_key(
         self,
         layer_idx: int,
@@ -141,4 +190,4 @@ class Adapter:
 
     def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) for ``position_ids`` as the LLM computes them."""
-        return self.text_model.rotary_emb(hidden, position_ids=position_ids)
+        return compat.rotary(self.text_model, hidden, position_ids)

@@ -40,6 +40,9 @@ class LlavaAdapter(Adapter):
         v = self.model.config.vision_config
         return (v.image_size // v.patch_size,) * 2
 
+    def image_token_counts(self, vision_inputs) -> int:
+        return self.model_shape(self.model.config).visual_tokens_per_image
+
     def image_grids(self, inputs) -> list[tuple[int, int]]:
         return [self.fixed_grid] * inputs["pixel_values"].shape[0]
 

@@ -1,5 +1,6 @@
 import dataclasses
 
+from .. import compat
 from ..errors import UnsupportedModelError
 from ..flops import ModelShape
 from ..registry import register_adapter
@@ -23,9 +24,27 @@ class LlavaNextAdapter(LlavaAdapter):
     def model_shape(cls, config) -> ModelShape:
         return dataclasses.replace(super().model_shape(config), visual_tokens_per_image=0)  # AnyRes: varies
 
-    def vision_sequences(self, inputs, sample: int = 0) -> list[int]:
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+    def image_token_counts(self, vision_inputs) -> list[int] | None:
+        """Base view + unpadded tiles + one newline per row of the tile grid, per image (AnyRes)."""
+        sizes = vision_inputs.get("image_sizes")
+        if sizes is None:
+            return None
+        cfg = self.model.config
+        tile = cfg.vision_config.image_size
+        side = tile // cfg.vision_config.patch_size
+        base = side * side + (1 if cfg.vision_feature_select_strategy == "full" else 0)
+        counts = []
+        for height, width in sizes.tolist():
+            best_h, best_w = best_resolution((height, width), cfg.image_grid_pinpoints)
+            rows, cols = side * (best_h // tile), side * (best_w // tile)
+            if width / height > cols / rows:  # wider than the tile grid: rows of padding are removed
+                rows -= (rows - int(round(height * (cols / width), 7))) // 2 * 2
+            else:
+                cols -= (cols - int(round(width * (rows / height), 7))) // 2 * 2
+            counts.append(base + rows * cols + rows)
+        return counts
 
+    def vision_sequences(self, inputs, sample: int = 0) -> list[int]:
         cfg = self.model.config
         v = cfg.vision_config
         tokens = (v.image_size // v.patch_size) ** 2 + 1
@@ -33,12 +52,24 @@ class LlavaNextAdapter(LlavaAdapter):
             # images are not attributed to samples in the inputs (adjacent images share one placeholder run)
             raise UnsupportedModelError("vision FLOPs of LLaVA-NeXT inputs are counted for batch size 1")
         crops = [
-            image_size_to_num_patches(
-                image_size=size, grid_pinpoints=cfg.image_grid_pinpoints, patch_size=v.image_size
-            )
+            compat.anyres_crops(size, cfg.image_grid_pinpoints, v.image_size)
             for size in inputs["image_sizes"].tolist()
         ]
         return [tokens] * sum(crops)
 
     fixed_grid = None  # AnyRes: every image has its own layout
     image_grids = Adapter.image_grids  # AnyRes tiles are not drawn yet: refused with a clear error
+
+
+def best_resolution(size: tuple[int, int], candidates) -> tuple[int, int]:
+    """The AnyRes canvas (height, width) for an image of ``size``: the most of the image's resolution kept
+    after fitting, then the least canvas wasted (LLaVA-NeXT's rule)."""
+    height, width = size
+    best, best_key = None, None
+    for h, w in candidates:
+        scale = min(w / width, h / height)
+        effective = min(int(width * scale) * int(height * scale), width * height)
+        key = (effective, -(w * h - effective))
+        if best_key is None or key > best_key:
+            best, best_key = (h, w), key
+    return best

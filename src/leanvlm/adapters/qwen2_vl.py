@@ -3,7 +3,7 @@ import torch
 from ..errors import UnsupportedModelError
 from ..flops import ModelShape, VisionShape
 from ..registry import register_adapter
-from .base import Adapter
+from .base import Adapter, assign_image_ids
 
 
 @register_adapter
@@ -37,6 +37,33 @@ class QwenVLAdapter(Adapter):
         for i in ids:
             mask |= (inputs_embeds == table(torch.tensor(i, device=inputs_embeds.device))).all(-1)
         return mask
+
+    def image_ids(self, visual, vision_inputs):
+        """Images and video frames are numbered apart: image tokens from ``image_grid_thw`` (one image,
+        h*w/merge^2 tokens), video tokens per frame from ``video_grid_thw`` (t frames of h*w/merge^2)."""
+        vision_inputs = vision_inputs or {}
+        ids = vision_inputs.get("input_ids") if vision_inputs.get("has_input_ids") else None
+        if ids is None or ids.shape != visual.shape:
+            return assign_image_ids(visual, None)
+        cfg = self.model.config
+        merge = cfg.vision_config.spatial_merge_size**2
+        out = torch.full_like(ids, -1, dtype=torch.long)
+        first = 0
+        kinds = (
+            (cfg.image_token_id, "image_grid_thw"),
+            (getattr(cfg, "video_token_id", None), "video_grid_thw"),
+        )
+        for token, key in kinds:
+            if token is None:
+                continue
+            grid = vision_inputs.get(key)
+            counts = None
+            if grid is not None:
+                counts = [h * w // merge for t, h, w in grid.tolist() for _ in range(t)]
+            part = assign_image_ids((ids.to(visual.device) == token) & visual, counts, first)
+            out = torch.where(part >= 0, part, out)
+            first = int(out.max()) + 1
+        return out
 
     @classmethod
     def model_shape(cls, config) -> ModelShape:

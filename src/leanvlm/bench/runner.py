@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import compat
 from .. import flops as flops_mod
 from ..api import apply
 
@@ -187,8 +188,8 @@ def _row(model, inputs, config: BenchConfig, s: Samples, settings: Settings, sha
     finally:
         handle.remove()
     kv_measured = sum(
-        (layer.keys.numel() + layer.values.numel()) * layer.keys.element_size()
-        for layer in out.past_key_values.layers
+        (keys.numel() + values.numel()) * keys.element_size()
+        for keys, values in compat.layer_tensors(compat.output_cache(out))
     )
     report = flops_mod.from_trace(
         shape, trace, dtype_bytes=dtype_bytes, vision_sequences=handle.adapter.vision_sequences(inputs)

@@ -2,6 +2,6 @@
 
 from .loop import Engine
 from .state import KVMap, TokenState
-from .trace import ScoreRecord, StageRecord, Trace
+from .trace import DecodeRecord, ScoreRecord, StageRecord, Trace
 
-__all__ = ["Engine", "KVMap", "ScoreRecord", "StageRecord", "TokenState", "Trace"]
+__all__ = ["DecodeRecord", "Engine", "KVMap", "ScoreRecord", "StageRecord", "TokenState", "Trace"]

@@ -1,7 +1,6 @@
-"""Which KV caches token reduction can use."""
+"""Which KV caches token reduction can use, and the record of what a reduced cache holds."""
 
-from transformers.cache_utils import DynamicCache, DynamicLayer
-
+from .. import compat
 from ..errors import UnsupportedModelError
 
 
@@ -10,12 +9,11 @@ def check_cache(cache) -> None:
     full-attention layers lets every layer keep its own length."""
     if cache is None:
         return
-    bad = [type(layer).__name__ for layer in getattr(cache, "layers", []) if type(layer) is not DynamicLayer]
-    if not isinstance(cache, DynamicCache) or bad:
-        kinds = f" with {', '.join(sorted(set(bad)))}" if bad else ""
+    problem = compat.reducible_cache_problem(cache)
+    if problem is not None:
         raise UnsupportedModelError(
             f"token reduction needs a DynamicCache of full-attention layers (each layer keeps its own "
-            f"length); got {type(cache).__name__}{kinds}. Use the default cache (no cache_implementation)."
+            f"length); got {problem}. Use the default cache (no cache_implementation), or a no-op setting."
         )
 
 

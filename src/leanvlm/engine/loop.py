@@ -12,17 +12,22 @@ It never copies a model's forward. Hooks on four places do the work:
 
 Layers before the first reduction always see the full sequence, so layer 0's cache length (which
 transformers reads for positions and masks) stays in original coordinates.
+
+Everything the hooks read of transformers' calling conventions (where the KV cache is, the rotary
+tables, the mask encodings) goes through :mod:`leanvlm.compat`; a call the engine cannot read raises.
 """
 
 from __future__ import annotations
 
+import math
 import types
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import LeanVLMError, UnsupportedModelError
+from .. import compat
+from ..errors import ConfigError, LeanVLMError, UnsupportedModelError
 from ..ops import (
     attention_to_keys,
     build_bool_mask,
@@ -35,7 +40,7 @@ from ..ops import (
 from ..ops.masks import mask_keys
 from .cache import check_cache, get_kv_record, set_kv_record
 from .state import KVMap, TokenState, expand_positions, gather_positions, gather_rows
-from .trace import ScoreRecord, StageRecord, Trace
+from .trace import DecodeRecord, ScoreRecord, StageRecord, Trace
 
 IGNORE_INDEX = -100
 VISION_KEYS = ("image_sizes", "image_grid_thw", "video_grid_thw")
@@ -51,6 +56,7 @@ class _Call:
     position_ids: torch.Tensor | None = None  # what the decoder stack was given (M-RoPE: [3, B, N])
     query_rows: torch.Tensor | None = None  # [B, N] training queries: the token before each answer span
     visual: torch.Tensor | None = None
+    image_ids: torch.Tensor | None = None  # [B, N] which image each visual token belongs to (-1: none)
     prompt_len: int = 0
     visual_counts: list[int] = field(default_factory=list)
     state: TokenState | None = None
@@ -60,6 +66,10 @@ class _Call:
     masks: dict = field(default_factory=dict)
     rope: dict = field(default_factory=dict)
     cache: object | None = None
+    #: where this call's stage records go: the trace's prefill, or a decode record when generate()
+    #: runs without a KV cache and recomputes the whole sequence at every step after the first
+    records: list[StageRecord] = field(default_factory=list)
+    recompute: bool = False
     # extend mode
     kvmaps: list[KVMap] = field(default_factory=list)
     past_len: int = 0
@@ -77,13 +87,27 @@ def align_labels(labels: torch.Tensor, orig: torch.Tensor, valid: torch.Tensor) 
     supervised = labels != IGNORE_INDEX
     needed = supervised.clone()
     needed[:, :-1] |= supervised[:, 1:]  # ... and each one's predecessor
+    _check_present(needed, present)
+    return kept
+
+
+def align_shift_labels(shift_labels: torch.Tensor, orig: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``shift_labels`` (the target of each position: the next token) of the tokens the last layer kept.
+    A kept token predicts its original next token; every position with a target must be kept."""
+    kept = shift_labels.gather(1, orig).masked_fill(~valid, IGNORE_INDEX)
+    present = torch.zeros_like(shift_labels, dtype=torch.bool)
+    present.scatter_(1, orig, valid)
+    _check_present(shift_labels != IGNORE_INDEX, present)
+    return kept
+
+
+def _check_present(needed: torch.Tensor, present: torch.Tensor) -> None:
     if bool((needed & ~present).any()):
         b, p = (needed & ~present).nonzero()[0].tolist()
         raise LeanVLMError(
             f"sample {b}: position {p} is needed for the loss (a supervised token or the one before it) "
             "but the method removed it; supervised tokens must follow text tokens"
         )
-    return kept
 
 
 class Engine:
@@ -111,27 +135,32 @@ class Engine:
         self.prompt_len: int | None = None
         self._visual: torch.Tensor | None = None
         self._labels: torch.Tensor | None = None
+        self._shift_labels: torch.Tensor | None = None
         self._vision_inputs: dict | None = None
         self._final: tuple[torch.Tensor, torch.Tensor] | None = None
         self._call: _Call | None = None
         self._handles: list = []
         self._patched_generate = False
+        #: inside generate(): how many fresh (uncached) forwards of the decoder stack it has run
+        self._generate_fresh: int | None = None
 
     # --- install / remove ---------------------------------------------------------------------------
     def install(self) -> None:
         a = self.adapter
-        self._handles.append(a.vlm_model.register_forward_pre_hook(self._vlm_pre, with_kwargs=True))
-        if self.stages:
-            self._handles.append(a.model.register_forward_pre_hook(self._top_pre, with_kwargs=True))
-            self._handles.append(a.model.register_forward_hook(self._top_post, with_kwargs=True))
-        self._handles.append(a.text_model.register_forward_pre_hook(self._text_pre, with_kwargs=True))
-        self._handles.append(a.text_model.register_forward_hook(self._text_post, with_kwargs=True))
         if self.stages:
             first = min([*self.score_at, self.stages[0].layer])
             for i in range(first, a.num_layers):
+                compat.check_decoder_layer(a.layers[i])
+        self._handles.append(a.vlm_model.register_forward_pre_hook(self._vlm_pre, with_kwargs=True))
+        self._handles.append(a.model.register_forward_pre_hook(self._top_pre, with_kwargs=True))
+        self._handles.append(a.model.register_forward_hook(self._top_post, with_kwargs=True))
+        self._handles.append(a.text_model.register_forward_pre_hook(self._text_pre, with_kwargs=True))
+        self._handles.append(a.text_model.register_forward_hook(self._text_post, with_kwargs=True))
+        if self.stages:
+            for i in range(first, a.num_layers):
                 hook = self._make_layer_hook(i)
                 self._handles.append(a.layers[i].register_forward_pre_hook(hook, with_kwargs=True))
-            self._patch_generate()
+        self._patch_generate()
 
     def remove(self) -> None:
         for h in self._handles:
@@ -145,7 +174,8 @@ class Engine:
 
     def _patch_generate(self) -> None:
         # generate() without a KV cache re-runs the whole sequence each step; ranking must keep using
-        # the last *prompt* token so that cached and uncached generation keep the same tokens.
+        # the last *prompt* token so that cached and uncached generation keep the same tokens, and the
+        # trace keeps the prefill (the first forward) while later forwards are decode steps.
         model = self.adapter.model
         engine = self
         cls_generate = type(model).generate
@@ -155,10 +185,12 @@ class Engine:
             if inputs is None:
                 inputs = kwargs.get("inputs_embeds")
             engine.prompt_len = inputs.shape[1] if inputs is not None else None
+            engine._generate_fresh = 0
             try:
                 return cls_generate(self_model, *args, **kwargs)
             finally:
                 engine.prompt_len = None
+                engine._generate_fresh = None
 
         model.generate = types.MethodType(generate, model)
         self._patched_generate = True
@@ -173,8 +205,11 @@ class Engine:
         self._visual = self.adapter.visual_mask(input_ids, embeds)
         self._vision_inputs = {k: kwargs[k] for k in VISION_KEYS if kwargs.get(k) is not None}
         self._vision_inputs["input_ids"] = input_ids if input_ids is not None else embeds[..., 0]
-        past = kwargs.get("past_key_values")
-        fresh = embeds is not None and embeds.shape[1] > 1 and (past is None or past.get_seq_length() == 0)
+        self._vision_inputs["has_input_ids"] = input_ids is not None
+        past = compat.find_cache(args, kwargs)
+        fresh = (
+            embeds is not None and embeds.shape[1] > 1 and (past is None or compat.cache_length(past) == 0)
+        )
         if input_ids is None and self.stages and fresh and not bool(self._visual.any()):
             warnings.warn(
                 "leanvlm found no visual-token placeholders in inputs_embeds, so nothing is dropped; "
@@ -185,20 +220,27 @@ class Engine:
     def _top_pre(self, module, args, kwargs):
         # The model's logits will cover only the kept tokens: take the labels, and compute the loss
         # against the labels of those tokens once the forward is done (_top_post).
-        self._labels = kwargs.pop("labels", None)
-        return None if self._labels is None else (args, kwargs)
+        if not self.stages or kwargs.get("labels") is None:
+            self._labels = self._shift_labels = None
+            return None
+        self._labels = kwargs.pop("labels")
+        self._shift_labels = kwargs.pop("shift_labels", None)
+        return args, kwargs
 
     def _top_post(self, module, args, kwargs, output):
         labels, self._labels = self._labels, None
+        shift_labels, self._shift_labels = self._shift_labels, None
         if labels is None:
             return None
         if not hasattr(output, "logits"):
             raise UnsupportedModelError("labels with a token-reducing method need return_dict=True outputs")
         if self._final is not None:
             labels = align_labels(labels, *self._final)
+            if shift_labels is not None:
+                shift_labels = align_shift_labels(shift_labels, *self._final)
         loss_kwargs = {k: kwargs[k] for k in ("num_items_in_batch",) if kwargs.get(k) is not None}
-        output.loss = module.loss_function(
-            logits=output.logits, labels=labels, vocab_size=output.logits.shape[-1], **loss_kwargs
+        output.loss = compat.causal_lm_loss(
+            module, output.logits, labels=labels, shift_labels=shift_labels, **loss_kwargs
         )
         return output
 
@@ -207,13 +249,17 @@ class Engine:
         self._final = None
         embeds = kwargs.get("inputs_embeds")
         ref = embeds if embeds is not None else kwargs.get("input_ids", args[0] if args else None)
+        if not isinstance(ref, torch.Tensor):
+            raise compat.fail(f"{type(module).__name__} was called without input_ids or inputs_embeds")
         b, n = ref.shape[:2]
         device = ref.device
-        past = kwargs.get("past_key_values")
-        past_len = past.get_seq_length() if past is not None else 0
+        past = compat.find_cache(args, kwargs)
+        past_len = compat.cache_length(past) if past is not None else 0
         mask2d = kwargs.get("attention_mask")
+        mask_past = 0  # tokens the 2-D mask covers before this input: an earlier prefill's, if any
         if isinstance(mask2d, torch.Tensor) and mask2d.dim() == 2:
             valid = mask2d[:, -n:].bool()
+            mask_past = mask2d.shape[1] - n
         else:
             valid = torch.ones(b, n, dtype=torch.bool, device=device)
         visual = self._visual
@@ -222,42 +268,45 @@ class Engine:
             visual = torch.zeros(b, n, dtype=torch.bool, device=device)
         visual = visual.to(device) & valid
 
-        if past_len == 0:
-            if past is not None:
-                set_kv_record(past, None)  # a reset or new cache: nothing from an earlier prefill applies
-            self.trace.reset()
-            self.trace.vision_inputs = self._vision_inputs
-            orig = torch.arange(n, device=device).expand(b, n)
-            self.trace.stages.append(StageRecord(0, orig, valid, visual))
-            if self.stages and bool(visual.any()):
-                prompt_len = min(self.prompt_len or n, n)
-                self._call = _Call(
-                    mode="prefill",
-                    n_input=n,
-                    valid=valid,
-                    visual=visual,
-                    prompt_len=prompt_len,
-                    visual_counts=visual.sum(-1).tolist(),
-                    position_ids=self._stack_positions(kwargs.get("position_ids")),
-                    query_rows=self._answer_queries(b, n, device),
+        if self.stages:
+            if past is None and mask_past > 0:
+                raise compat.fail(
+                    f"this forward continues {mask_past} earlier tokens (its attention mask covers "
+                    f"{mask2d.shape[1]} positions for {n} new ones) but leanvlm cannot see a KV cache among "
+                    f"the arguments of {type(module).__name__}; the reduced cache would be read with the "
+                    "wrong layout, so it stops here"
                 )
-            return None
+            if past is not None and mask_past > 0 and mask_past != past_len:
+                raise LeanVLMError(
+                    f"the attention mask covers {mask2d.shape[1]} positions but the KV cache holds {past_len} "
+                    f"tokens before these {n}; pass the mask of the whole sequence so far"
+                )
+            if past is not None and past_len == 0:
+                check_cache(past)  # refuse a cache that can not hold reduced layers before any work
 
+        if past_len == 0 and mask_past == 0:
+            return self._begin_prefill(kwargs, b, n, device, valid, visual, past)
         entry = get_kv_record(past)
+        if entry is not None and entry[2] != self.layout:
+            raise LeanVLMError(
+                f"this KV cache was filled with reductions at layers {list(entry[2])} but the applied method "
+                f"reduces at layers {list(self.layout)}; continue a cache with the method that filled it"
+            )
+        # real entries layer 0 attends to: its whole cache and the new tokens, less the padding
+        full_keys = (mask2d.sum(-1) if mask_past else valid.sum(-1) + past_len).to(device)
+        if not self.stages:
+            self.trace.decode.append(DecodeRecord([0], valid.sum(-1), [full_keys], cached=past is not None))
+            return None
         if entry is None:
-            lengths = {layer.get_seq_length() for layer in getattr(past, "layers", [])}
+            lengths = set(compat.layer_lengths(past))
             if len(lengths) > 1:
                 raise LeanVLMError(
                     f"this KV cache has layers of different lengths {sorted(lengths)} but no record of the "
                     "reduction that filled it; continue it with the model and method that filled it"
                 )
+            self.trace.decode.append(DecodeRecord([0], valid.sum(-1), [full_keys], cached=True))
             return None
-        n_cached, n_prompt, layout, kvmaps = entry
-        if layout != self.layout:
-            raise LeanVLMError(
-                f"this KV cache was filled with reductions at layers {list(layout)} but the applied method "
-                f"reduces at layers {list(self.layout)}; continue a cache with the method that filled it"
-            )
+        n_cached, n_prompt, _, kvmaps = entry
         if past_len != n_cached:
             kvmaps = self._crop_maps(kvmaps, n_cached, n_prompt, past_len)
         self._call = _Call(
@@ -270,37 +319,118 @@ class Engine:
             cache=past,
             n_prompt=n_prompt,
         )
+        new = valid.sum(-1)
+        self.trace.decode.append(
+            DecodeRecord(
+                [0, *self.layout],
+                new,
+                [full_keys, *(m.valid.sum(-1) + new for m in kvmaps)],
+                cached=True,
+            )
+        )
         return None
 
-    @staticmethod
-    def _stack_positions(position_ids):
-        # Qwen-VL may prepend a text-position row to its three M-RoPE rows
-        if position_ids is not None and position_ids.dim() == 3 and position_ids.shape[0] == 4:
-            return position_ids[1:]
-        return position_ids
+    def _begin_prefill(self, kwargs, b, n, device, valid, visual, past):
+        """A forward over a sequence with nothing cached: the prefill, or (generate() without a KV cache)
+        a recompute of the whole sequence, recorded as a decode step."""
+        recompute = self._generate_fresh is not None and self._generate_fresh > 0
+        if self._generate_fresh is not None:
+            self._generate_fresh += 1
+        if past is not None:
+            set_kv_record(past, None)  # a reset or new cache: nothing from an earlier prefill applies
+        orig = torch.arange(n, device=device).expand(b, n)
+        records = [StageRecord(0, orig, valid, visual)]
+        if not recompute:
+            self.trace.reset()
+            self.trace.vision_inputs = self._vision_inputs
+            self.trace.stages = records
+        if not (self.stages and bool(visual.any())):
+            if recompute:
+                self.trace.decode.append(DecodeRecord([0], valid.sum(-1), [valid.sum(-1)], cached=False))
+            return None
+        prompt_len = self._prompt_len(n, valid)
+        self._call = _Call(
+            mode="prefill",
+            n_input=n,
+            valid=valid,
+            visual=visual,
+            prompt_len=prompt_len,
+            visual_counts=visual.sum(-1).tolist(),
+            position_ids=compat.mrope_rows(kwargs.get("position_ids")),
+            query_rows=self._answer_queries(b, n, device),
+            records=records,
+            recompute=recompute,
+        )
+        if any(s.kind == "merge" for s in self.stages):
+            self._call.image_ids = self.adapter.image_ids(visual, self._vision_inputs)
+        return None
+
+    def _prompt_len(self, n: int, valid: torch.Tensor) -> int:
+        """The prompt the query rows come from: ``prompt_length(n)`` / generate()'s input, else everything."""
+        if self.prompt_len is None:
+            return n
+        prompt_len = min(self.prompt_len, n)
+        has_tokens = valid.any(-1)
+        in_prompt = valid[:, :prompt_len].any(-1)
+        bad = (has_tokens & ~in_prompt).nonzero()
+        if len(bad):
+            row = int(bad[0, 0])
+            first = int(valid[row].nonzero()[0, 0])
+            raise ConfigError(
+                f"prompt_length({self.prompt_len}): sample {row} has no token in its first {prompt_len} "
+                f"positions (its first real token is at position {first}, after left padding); count the "
+                "padding in, i.e. use the padded prompt length"
+            )
+        return prompt_len
 
     def _answer_queries(self, b: int, n: int, device) -> torch.Tensor | None:
-        """Training: the token just before each answer span ranks the visual tokens (PyramidDrop's rule)."""
-        labels = self._labels
-        if labels is None or labels.shape != (b, n):
+        """Training: the token just before each answer span ranks the visual tokens (PyramidDrop's rule):
+        the first position of each run of positions that predict a supervised token (from
+        ``shift_labels`` when given, as the loss)."""
+        labels, shift_labels = self._labels, self._shift_labels
+        has_labels = labels is not None and labels.shape == (b, n)
+        supervised = (labels.to(device) != IGNORE_INDEX) if has_labels else None  # each token is a target
+        if shift_labels is not None and shift_labels.shape == (b, n):
+            predicts = shift_labels.to(device) != IGNORE_INDEX  # each position predicts a target
+            own = torch.zeros_like(predicts)
+            own[:, 1:] = predicts[:, :-1]
+            if has_labels:
+                own[:, 0] = supervised[:, 0]
+        elif has_labels:
+            predicts = torch.zeros_like(supervised)
+            predicts[:, :-1] = supervised[:, 1:]
+            own = supervised
+        else:
             return None
-        supervised = labels.to(device) != IGNORE_INDEX
-        before = torch.zeros_like(supervised)
-        before[:, :-1] = ~supervised[:, :-1] & supervised[:, 1:]
-        return before
+        return predicts & ~own
 
     def _text_post(self, module, args, kwargs, output):
         call, self._call = self._call, None
         if call is None:
             return None
         if call.mode == "prefill":
+            if call.recompute:
+                self.trace.decode.append(
+                    DecodeRecord(
+                        [r.layer for r in call.records],
+                        call.valid.sum(-1),
+                        [r.valid.sum(-1) for r in call.records],
+                        cached=False,
+                    )
+                )
             if call.reduced:
                 self._final = (call.state.orig, call.state.valid)
+            returned = compat.output_cache(output)
+            if call.reduced and returned is not None and returned is not call.cache:
+                raise compat.fail(
+                    "the language model returned a KV cache that its decoder layers were not seen to fill; "
+                    "decoding from it would ignore the reduction"
+                )
             if call.cache is not None and call.reduced:
                 kvmaps = [KVMap(s.orig, s.valid, s.shift) for s in call.stage_states]
-                if call.cache.get_seq_length() == call.n_input:
+                if compat.cache_length(call.cache) == call.n_input:
                     set_kv_record(call.cache, (call.n_input, call.n_input, self.layout, kvmaps))
-        elif call.cache.get_seq_length() == call.past_len + call.n_input:
+        elif compat.cache_length(call.cache) == call.past_len + call.n_input:
             kvmaps = [
                 KVMap(torch.cat([m.orig, call.new_orig], -1), torch.cat([m.valid, call.valid], -1), m.shift)
                 for m in call.kvmaps
@@ -339,19 +469,12 @@ class Engine:
 
         return hook
 
-    @staticmethod
-    def _set_hidden(args, kwargs, hidden):
-        if args:
-            return (hidden, *args[1:]), kwargs
-        kwargs["hidden_states"] = hidden
-        return args, kwargs
-
     def _prefill_layer(self, layer_idx, call: _Call, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
+        hidden = compat.layer_hidden(args, kwargs)
         if call.state is None:
             b, n = hidden.shape[:2]
-            cos, sin = kwargs["position_embeddings"]
-            call.cache = kwargs.get("past_key_values")
+            cos, sin = compat.layer_rotary(kwargs)
+            call.cache = compat.find_cache(args, kwargs)
             check_cache(call.cache)
             call.state = TokenState(
                 orig=torch.arange(n, device=hidden.device).expand(b, n),
@@ -376,7 +499,7 @@ class Engine:
             hidden, call.state = reduce(si, hidden, call)
             call.stage_states.append(call.state)
             s = call.state
-            self.trace.stages.append(StageRecord(layer_idx, s.orig, s.valid, s.visual))
+            call.records.append(StageRecord(layer_idx, s.orig, s.valid, s.visual))
         if not call.reduced:
             return None
         s = call.state
@@ -388,7 +511,7 @@ class Engine:
             kwargs["position_ids"] = (
                 s.pos if same_format else gather_positions(layer_pos.expand_as(call.valid), s.orig)
             )
-        return self._set_hidden(args, kwargs, hidden)
+        return compat.set_layer_hidden(args, kwargs, hidden)
 
     def _score(self, layer_idx: int, hidden: torch.Tensor, s: TokenState, call: _Call) -> torch.Tensor:
         """[B, n] attention each slot receives from the query rows: the last prompt token or the prompt's
@@ -400,7 +523,8 @@ class Engine:
             query_slots, weight = compact_indices(call.query_rows.gather(1, s.orig) & s.valid)
         elif self.query == "last":
             query_slots = torch.where(in_prompt, slots, -1).max(-1).values[:, None]  # [B, 1]
-            weight = torch.ones_like(query_slots, dtype=torch.bool)
+            weight = query_slots >= 0  # a row of padding only (all-zero attention mask) has no query
+            query_slots = query_slots.clamp_min(0)
         else:
             query_slots, weight = compact_indices(in_prompt & ~s.visual)  # [B, Q]
         if query_slots.shape[1] == 0:  # no sample has a query row (e.g. every token supervised): no ranking
@@ -409,7 +533,8 @@ class Engine:
             q, k, scaling = self.adapter.query_key(layer_idx, hidden.detach(), s.cos, s.sin, query_slots)
             visible = build_bool_mask(s.orig.gather(1, query_slots), s.orig, s.valid)[:, 0]  # [B, Q, n]
             probs = attention_to_keys(q, k, visible, scaling)
-            self.trace.scoring.append(ScoreRecord(layer_idx, s.valid.sum(-1), weight.sum(-1)))
+            if not call.recompute:
+                self.trace.scoring.append(ScoreRecord(layer_idx, s.valid.sum(-1), weight.sum(-1)))
             return mean_query_scores(probs, weight)
 
     def _drop(self, stage_idx: int, hidden: torch.Tensor, call: _Call):
@@ -478,45 +603,58 @@ class Engine:
     def _merge_groups(self, stage, s: TokenState, call: _Call) -> torch.Tensor:
         """[B, n]: for each slot, the slot that leads its group (itself for tokens that are not merged).
 
-        Each run of consecutive visual slots is one image; "1d" groups ``stride`` consecutive tokens of
-        a run, "2d" groups square blocks of the image's grid (the adapter's fixed grid)."""
+        The adapter says which image each visual token belongs to (two images back to back are two
+        images); "1d" groups ``stride`` consecutive tokens of an image, "2d" groups square blocks of the
+        image's grid (the adapter's fixed grid). The last prompt token is never merged: generation
+        continues from it, even when the prompt ends with an image."""
         b, n = s.orig.shape
         leader = torch.arange(n, device=s.orig.device).expand(b, n).clone()
-        visual = (s.visual & s.valid).tolist()
+        slots = torch.arange(n, device=s.orig.device).expand(b, n)
+        last = torch.where(s.valid & (s.orig < call.prompt_len), slots, -1).max(-1).values.tolist()
+        image = call.image_ids.gather(1, s.orig).masked_fill(~(s.visual & s.valid), -1).tolist()
         grid = self.adapter.fixed_grid if stage.pool == "2d" else None
-        side = int(round(stage.stride**0.5))
+        side = math.isqrt(stage.stride)
         for bi in range(b):
-            j = 0
-            while j < n:
-                if not visual[bi][j]:
-                    j += 1
-                    continue
-                start = j
-                while j < n and visual[bi][j]:
-                    j += 1
-                length = j - start
+            members: dict[int, list[int]] = {}
+            for j, img in enumerate(image[bi]):
+                if img >= 0:
+                    members.setdefault(img, []).append(j)
+            for img, idx in members.items():
+                length = len(idx)
                 if grid is None:
-                    offsets = torch.arange(length) // stage.stride * stage.stride
+                    stride = min(stage.stride, length)
+                    offsets = [k // stride * stride for k in range(length)]
                 else:
                     rows, cols = grid
                     if rows * cols != length:
                         raise LeanVLMError(
-                            f"2-D pooling: an image run of {length} visual tokens does not match its {rows}x{cols} grid"
+                            f"2-D pooling: image {img} has {length} visual tokens, which does not match its "
+                            f"{rows}x{cols} grid"
                         )
-                    r, c = torch.arange(length) // cols, torch.arange(length) % cols
-                    offsets = (r // side * side) * cols + (c // side * side)
-                leader[bi, start:j] = start + offsets.to(leader.device)
+                    offsets = [
+                        (k // cols) // side * side * cols + (k % cols) // side * side for k in range(length)
+                    ]
+                for k, o in zip(idx, offsets, strict=True):
+                    leader[bi, k] = idx[o]
+            if last[bi] >= 0 and image[bi][last[bi]] >= 0:
+                # the last prompt token is visual: it stays on its own; its group is led by the next member
+                group = (leader[bi] == leader[bi, last[bi]]).nonzero()[:, 0]
+                rest = group[group != last[bi]]
+                if len(rest):
+                    leader[bi, rest] = rest[0]
+                leader[bi, last[bi]] = last[bi]
         return leader
 
     def _prefill_mask(self, mask, s: TokenState, call: _Call):
         key = (id(s), id(mask))
         if key not in call.masks:
-            if mask is None:
+            kind = compat.mask_kind(mask)
+            if kind == "none":
                 if bool(s.valid.all()):
                     out = None  # causal over the kept tokens, in order: the kernel's is_causal is right
                 else:
                     out = self._fresh_mask(build_bool_mask(s.orig, s.orig, s.valid), s.cos.dtype)
-            elif mask.dim() == 2:
+            elif kind == "padding":
                 out = mask_keys(gather_mask(mask, None, s.orig), s.valid)
             else:
                 out = mask_keys(gather_mask(mask, s.orig, s.orig), s.valid)
@@ -536,11 +674,11 @@ class Engine:
         if key not in call.masks:
             k_orig = torch.cat([m.orig, call.new_orig], -1)
             k_valid = torch.cat([m.valid, call.valid], -1)
-            if mask is None:
+            if compat.mask_kind(mask) == "none":
                 if call.n_input == 1 and bool(k_valid.all()):
                     out = None
                 else:
-                    cos = kwargs["position_embeddings"][0]
+                    cos = compat.layer_rotary(kwargs)[0]
                     out = self._fresh_mask(build_bool_mask(call.new_orig, k_orig, k_valid), cos.dtype)
             else:
                 out = mask_keys(gather_mask(mask, None, k_orig), k_valid)
@@ -548,7 +686,7 @@ class Engine:
         kwargs["attention_mask"] = call.masks[key]
         if self.positions == "compact":
             if stage not in call.rope:
-                hidden = args[0] if args else kwargs["hidden_states"]
+                hidden = compat.layer_hidden(args, kwargs)
                 b, n = hidden.shape[:2]
                 pos = expand_positions(kwargs.get("position_ids"), b, n, hidden.device) - m.shift[:, None]
                 call.rope[stage] = (pos, self.adapter.rotary(hidden, pos))

@@ -27,23 +27,73 @@ class ScoreRecord:
 
 
 @dataclass
+class DecodeRecord:
+    """One forward after the prefill: a decode step (or a chunk of tokens appended to the cache).
+
+    ``layers``: the first layer of each stage (0 first); ``new_tokens`` [B]: real tokens this step
+    processed; ``keys`` per stage [B]: the real entries each layer of that stage attended to (its cache
+    plus the new tokens). ``cached`` is False for generate() without a KV cache, which recomputes the
+    whole sequence: then ``new_tokens`` is the whole sequence and ``keys`` what each stage processed.
+    """
+
+    layers: list[int]
+    new_tokens: torch.Tensor
+    keys: list[torch.Tensor]
+    cached: bool = True
+
+    def kv_per_layer(self, num_layers: int) -> list[list[int]]:
+        """Per sample: the entries each decoder layer attended to in this step."""
+        starts = [*self.layers, num_layers]
+        per_stage = torch.stack([k.to(self.keys[0].device) for k in self.keys], dim=1).tolist()
+        return [
+            [row[s] for s in range(len(self.layers)) for _ in range(starts[s + 1] - starts[s])]
+            for row in per_stage
+        ]
+
+
+@dataclass
 class Trace:
+    """What the model processed in the last prefill (``stages``, ``tokens_per_layer``, ...) and in every
+    forward after it (``decode``, one :class:`DecodeRecord` per step), until the next prefill.
+
+    After ``generate()``, the per-layer properties describe the prefill (what was pruned where) and
+    ``decode`` the decode steps; a new prefill (a fresh forward or generate call) starts over."""
+
     num_layers: int
     stages: list[StageRecord] = field(default_factory=list)
     scoring: list[ScoreRecord] = field(default_factory=list)
+    #: the decode steps since the last prefill
+    decode: list[DecodeRecord] = field(default_factory=list)
     #: the vision-related inputs of the last prefill (image sizes / grids), for vision FLOPs
     vision_inputs: dict | None = None
     prefills: int = 0
 
     def __repr__(self) -> str:
         layers = [s.layer for s in self.stages]
-        return f"Trace(num_layers={self.num_layers}, batch={self.batch_size}, stages_at_layers={layers})"
+        return (
+            f"Trace(num_layers={self.num_layers}, batch={self.batch_size}, stages_at_layers={layers}, "
+            f"decode_steps={self.decode_steps})"
+        )
 
     def reset(self) -> None:
         self.stages = []
         self.scoring = []
+        self.decode = []
         self.vision_inputs = None
         self.prefills += 1
+
+    @property
+    def decode_steps(self) -> int:
+        """Forwards run after the prefill (decode steps of generate(), or cache extensions)."""
+        return len(self.decode)
+
+    @property
+    def decode_tokens(self) -> list[int]:
+        """Per sample: real tokens processed by the cached decode steps since the prefill."""
+        steps = [r.new_tokens for r in self.decode if r.cached]
+        if not steps:
+            return [0] * self.batch_size
+        return torch.stack([t.to(steps[0].device) for t in steps]).sum(0).tolist()
 
     def _per_layer(self, counts: list[torch.Tensor]) -> list[list[int]]:
         if not self.stages:

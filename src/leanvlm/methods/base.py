@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..errors import ConfigError
+from ..errors import ConfigError, show
 
 POSITIONS = ("auto", "original", "compact")
 QUERIES = ("last", "text")
@@ -67,9 +67,9 @@ class Method:
     query: str
 
     def _check_choice(self, field: str, value, allowed):
-        if value not in allowed:
+        if not isinstance(value, str) or value not in allowed:
             raise ConfigError(
-                f"{type(self).__name__}: {field}={value!r} is not one of {', '.join(map(repr, allowed))}"
+                f"{type(self).__name__}: {field}={show(value)} is not one of {', '.join(map(repr, allowed))}"
             )
 
     @classmethod
@@ -108,7 +108,7 @@ class Method:
         raise NotImplementedError
 
     def describe(self) -> str:
-        fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
+        fields = ", ".join(f"{f.name}={show(getattr(self, f.name))}" for f in dataclasses.fields(self))
         return f"{type(self).__name__}({fields})"
 
 
@@ -128,5 +128,5 @@ def check_layer(owner: str, name: str, value: int, num_layers: int) -> None:
     """A reduction layer must leave at least one layer before it and one after."""
     if not 1 <= value <= num_layers - 1:
         raise ConfigError(
-            f"{owner}: {name}={value!r} is outside [1, {num_layers - 1}] for this model ({num_layers} decoder layers)"
+            f"{owner}: {name}={show(value)} is outside [1, {num_layers - 1}] for this model ({num_layers} decoder layers)"
         )

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import ConfigError, check_range
+from ..errors import ConfigError, check_range, is_int, show
 from ..registry import register_method
 from .base import POSITIONS, QUERIES, DropStage, Method, check_layer, early_layer_for_budget
 
@@ -50,13 +50,13 @@ class FastV(Method):
     reference_positions = "original"
 
     def __post_init__(self):
-        if not isinstance(self.layer, int) or isinstance(self.layer, bool):
-            raise ConfigError(f"FastV: layer={self.layer!r} must be an int >= 1")
+        if not is_int(self.layer):
+            raise ConfigError(f"FastV: layer={show(self.layer)} must be an int >= 1")
         if self.layer < 1:
-            raise ConfigError(f"FastV: layer={self.layer!r} is outside [1, num_layers - 1]")
+            raise ConfigError(f"FastV: layer={show(self.layer)} is outside [1, num_layers - 1]")
         check_range("FastV", "keep_ratio", self.keep_ratio, 0, 1, low_open=True)
-        if self.keep_tokens is not None and (not isinstance(self.keep_tokens, int) or self.keep_tokens < 0):
-            raise ConfigError(f"FastV: keep_tokens={self.keep_tokens!r} must be an int >= 0 (or None)")
+        if self.keep_tokens is not None and (not is_int(self.keep_tokens) or self.keep_tokens < 0):
+            raise ConfigError(f"FastV: keep_tokens={show(self.keep_tokens)} must be an int >= 0 (or None)")
         self._check_choice("query", self.query, QUERIES)
         self._check_choice("positions", self.positions, POSITIONS)
 

@@ -1,8 +1,9 @@
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-from ..errors import ConfigError
+from ..errors import ConfigError, is_int, show
 from ..registry import register_method
 from .base import MergeStage, Method, check_layer, early_layer_for_budget
 
@@ -10,7 +11,7 @@ POOLS = ("1d", "2d")
 MERGE_POSITIONS = ("mean", "first")
 
 
-@register_method("vcc")
+@register_method("vcc", aliases=("llavolta",))
 @dataclass(frozen=True)
 class VisualContextCompression(Method):
     """LLaVolta's Visual Context Compressor: average-pool visual tokens inside the LLM.
@@ -51,18 +52,17 @@ class VisualContextCompression(Method):
     needs_scores = False
 
     def __post_init__(self):
-        if not isinstance(self.layer, int) or isinstance(self.layer, bool) or self.layer < 1:
+        if not is_int(self.layer) or self.layer < 1:
             raise ConfigError(
-                f"VisualContextCompression: layer={self.layer!r} must be an int >= 1 (layer 0 is not supported)"
+                f"VisualContextCompression: layer={show(self.layer)} must be an int >= 1 (layer 0 is not supported)"
             )
-        if not isinstance(self.stride, int) or isinstance(self.stride, bool) or self.stride < 1:
-            raise ConfigError(f"VisualContextCompression: stride={self.stride!r} must be an int >= 1")
+        if not is_int(self.stride) or self.stride < 1:
+            raise ConfigError(f"VisualContextCompression: stride={show(self.stride)} must be an int >= 1")
         self._check_choice("pool", self.pool, POOLS)
         self._check_choice("merge_position", self.merge_position, MERGE_POSITIONS)
-        side = round(self.stride**0.5)
-        if self.pool == "2d" and side * side != self.stride:
+        if self.pool == "2d" and math.isqrt(self.stride) ** 2 != self.stride:
             raise ConfigError(
-                f"VisualContextCompression: stride={self.stride} must be a square number with pool='2d' (4, 9, 16, ...)"
+                f"VisualContextCompression: stride={show(self.stride)} must be a square number with pool='2d' (4, 9, 16, ...)"
             )
 
     @property

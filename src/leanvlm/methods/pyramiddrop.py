@@ -3,7 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from itertools import pairwise
 
-from ..errors import ConfigError, check_range
+from ..errors import ConfigError, check_range, is_int, show
 from ..registry import register_method
 from .base import POSITIONS, QUERIES, DropStage, Method, check_layer
 
@@ -48,30 +48,38 @@ class PyramidDrop(Method):
     reference_positions = "compact"
 
     def __post_init__(self):
+        if not isinstance(self.layers, (list, tuple, range)):
+            raise ConfigError(
+                f"PyramidDrop: layers={show(self.layers)} must be a list, tuple or range of ints"
+            )
+        if not isinstance(self.keep_ratios, (list, tuple)):
+            raise ConfigError(
+                f"PyramidDrop: keep_ratios={show(self.keep_ratios)} must be a list or tuple of numbers"
+            )
         object.__setattr__(self, "layers", tuple(self.layers))
         object.__setattr__(self, "keep_ratios", tuple(self.keep_ratios))
         if not self.layers:
             raise ConfigError("PyramidDrop: layers=() must name at least one layer")
+        for layer in self.layers:
+            if not is_int(layer) or layer < 1:
+                raise ConfigError(
+                    f"PyramidDrop: layers={show(self.layers)} has {show(layer)}; each must be an int >= 1"
+                )
         if len(self.layers) != len(self.keep_ratios):
             raise ConfigError(
-                f"PyramidDrop: layers={self.layers} and keep_ratios={self.keep_ratios} must have the same length"
+                f"PyramidDrop: layers={show(self.layers)} and keep_ratios={show(self.keep_ratios)} must have the same length"
             )
-        for layer in self.layers:
-            if not isinstance(layer, int) or isinstance(layer, bool) or layer < 1:
-                raise ConfigError(
-                    f"PyramidDrop: layers={self.layers} has {layer!r}; each must be an int >= 1"
-                )
         for a, b in pairwise(self.layers):
             if b <= a:
                 raise ConfigError(
-                    f"PyramidDrop: layers={self.layers} must be strictly increasing ({a} then {b})"
+                    f"PyramidDrop: layers={show(self.layers)} must be strictly increasing ({show(a)} then {show(b)})"
                 )
         for r in self.keep_ratios:
             check_range("PyramidDrop", "keep_ratios", r, 0, 1, low_open=True)
         for a, b in pairwise(self.keep_ratios):
             if b > a:
                 raise ConfigError(
-                    f"PyramidDrop: keep_ratios={self.keep_ratios} must be non-increasing ({a} then {b})"
+                    f"PyramidDrop: keep_ratios={show(self.keep_ratios)} must be non-increasing ({a} then {b})"
                 )
         self._check_choice("query", self.query, QUERIES)
         self._check_choice("positions", self.positions, POSITIONS)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_range, show
 from ..methods.base import Method
 from ..methods.llavolta import VisualContextCompression
 
@@ -27,15 +27,27 @@ class StagedSchedule:
     stages: tuple[tuple[float, Method | None], ...]
 
     def __post_init__(self):
-        object.__setattr__(self, "stages", tuple((float(f), m) for f, m in self.stages))
+        if not isinstance(self.stages, (list, tuple)):
+            raise ConfigError(
+                f"StagedSchedule: stages={show(self.stages)} must be a list or tuple of (fraction, method) stages"
+            )
         if not self.stages:
             raise ConfigError("StagedSchedule: stages=() must hold at least one (fraction, method) stage")
-        for fraction, method in self.stages:
-            if not 0 < fraction <= 1:
-                raise ConfigError(f"StagedSchedule: fraction {fraction} is outside (0, 1]")
+        stages = []
+        for i, stage in enumerate(self.stages):
+            if not isinstance(stage, (list, tuple)) or len(stage) != 2:
+                raise ConfigError(
+                    f"StagedSchedule: stage {i}={show(stage)} must be a (fraction, method) pair"
+                )
+            fraction, method = stage
+            check_range("StagedSchedule", f"stage {i} fraction", fraction, 0, 1, low_open=True)
             if method is not None and not isinstance(method, Method):
-                raise ConfigError(f"StagedSchedule: {method!r} is not a method config (or None)")
-        total = sum(f for f, _ in self.stages)
+                raise ConfigError(
+                    f"StagedSchedule: stage {i} method={show(method)} is not a method config (or None)"
+                )
+            stages.append((float(fraction), method))
+        object.__setattr__(self, "stages", tuple(stages))
+        total = math.fsum(f for f, _ in self.stages)
         if not math.isclose(total, 1.0, abs_tol=1e-6):
             raise ConfigError(f"StagedSchedule: fractions sum to {total:g}; they must sum to 1")
 

@@ -1,0 +1,244 @@
+"""Every contact with transformers internals, in one place.
+
+transformers renames internals between releases (5.24 renamed the decoder forwards' cache argument
+from ``past_key_values=`` to ``cache=``). The engine, the methods and the adapters reach what they
+rely on only through this module. Each entry says which releases it was checked on; when what an
+entry relies on is missing, it raises :class:`CompatError` naming the installed version and the
+supported range, never a silent fallback.
+
+Supported range: ``FLOOR`` to ``NEWEST_TESTED`` (both run by CI in fresh environments).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import warnings
+
+import torch
+import transformers
+
+from .errors import CompatError
+
+#: the oldest and newest transformers releases the whole test suite runs on (CI tests both)
+FLOOR = "5.0.0"
+NEWEST_TESTED = "5.24.0"
+
+
+def _parse(version: str) -> tuple[int, ...]:
+    out = []
+    for part in version.split(".")[:3]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        if not digits:
+            break
+        out.append(int(digits))
+    return tuple(out)
+
+
+def installed_version() -> str:
+    return transformers.__version__
+
+
+def version_note() -> str:
+    return (
+        f"transformers {installed_version()} is installed; leanvlm supports {FLOOR} to {NEWEST_TESTED} "
+        f"(pip install 'transformers>={FLOOR},<={NEWEST_TESTED}')"
+    )
+
+
+def in_supported_range(version: str | None = None) -> bool:
+    v = _parse(version or installed_version())
+    return _parse(FLOOR) <= v <= _parse(NEWEST_TESTED)
+
+
+def fail(what: str) -> CompatError:
+    """The error for a transformers internal that is not where leanvlm expects it."""
+    return CompatError(f"{what}. {version_note()}")
+
+
+@functools.cache
+def warn_if_untested() -> None:
+    """Once per process: a release outside the tested range may have moved what the engine relies on.
+    Every such contact still checks itself and raises rather than mis-compute."""
+    if not in_supported_range():
+        warnings.warn(
+            f"leanvlm has not been tested with transformers {installed_version()}: {version_note()}",
+            stacklevel=3,
+        )
+
+
+# --- KV caches ---------------------------------------------------------------------------------------
+# 5.0-5.23: model and decoder-layer forwards take ``past_key_values=``; 5.24: ``cache=`` (the old name
+# a deprecated alias). The cache is therefore found by its type among a call's arguments, and the
+# names are only a first guess.
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer  # noqa: E402  (5.0-5.24)
+
+CACHE_KWARGS = ("cache", "past_key_values", "cache_params")
+
+
+def is_cache(value) -> bool:
+    return isinstance(value, Cache)
+
+
+def find_cache(args: tuple, kwargs: dict):
+    """The KV cache among a forward call's arguments (by type, whatever its keyword), or None."""
+    for name in CACHE_KWARGS:
+        value = kwargs.get(name)
+        if is_cache(value):
+            return value
+    for value in (*kwargs.values(), *args):
+        if is_cache(value):
+            return value
+    return None
+
+
+def cache_length(cache) -> int:
+    """Tokens cached by layer 0 (what transformers reads for positions and masks), as an int."""
+    return int(cache.get_seq_length())
+
+
+def layer_lengths(cache) -> list[int]:
+    """Tokens cached per layer (5.0-5.24: ``cache.layers[i].get_seq_length()``)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise fail(f"{type(cache).__name__} has no per-layer list (.layers)")
+    return [int(layer.get_seq_length()) for layer in layers]
+
+
+def layer_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(keys, values) per layer of a dynamic cache (5.0-5.24: ``layer.keys`` / ``layer.values``)."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def reducible_cache_problem(cache) -> str | None:
+    """Why ``cache`` cannot hold layers of different lengths (None when it can): only a DynamicCache of
+    plain full-attention DynamicLayers lets every layer keep its own length."""
+    bad = [type(layer).__name__ for layer in getattr(cache, "layers", []) if type(layer) is not DynamicLayer]
+    if isinstance(cache, DynamicCache) and not bad:
+        return None
+    kinds = f" with {', '.join(sorted(set(bad)))}" if bad else ""
+    return f"{type(cache).__name__}{kinds}"
+
+
+def output_cache(output):
+    """The cache a model output carries (5.0-5.23: ``.past_key_values``; 5.24: ``.cache``), or None."""
+    if isinstance(output, dict):
+        for name in CACHE_KWARGS:
+            if is_cache(output.get(name)):
+                return output[name]
+    return None
+
+
+@functools.cache
+def _forward_parameters(cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(cls.forward).parameters)
+
+
+def cache_kwarg(module) -> str:
+    """The keyword ``module.forward`` takes its KV cache under (for callers that pass one)."""
+    params = _forward_parameters(type(module))
+    for name in CACHE_KWARGS[:2]:
+        if name in params:
+            return name
+    raise fail(f"{type(module).__name__}.forward takes no KV cache argument (looked for {CACHE_KWARGS[:2]})")
+
+
+# --- decoder layers ------------------------------------------------------------------------------------
+# 5.0-5.24: the text model's loop calls ``layer(hidden_states, attention_mask=..., position_ids=...,
+# <cache>=..., use_cache=..., position_embeddings=(cos, sin), **kwargs)``; the engine edits the
+# hidden states, the mask, the positions and the rotary tables.
+LAYER_KWARGS = ("attention_mask", "position_embeddings")
+
+
+def check_decoder_layer(layer) -> None:
+    """Raise unless the decoder layer's forward takes what the engine hands it."""
+    params = _forward_parameters(type(layer))
+    has_var_kw = any(
+        p.kind is inspect.Parameter.VAR_KEYWORD
+        for p in inspect.signature(type(layer).forward).parameters.values()
+    )
+    missing = [n for n in ("hidden_states", *LAYER_KWARGS) if n not in params]
+    if missing and not has_var_kw:
+        raise fail(f"{type(layer).__name__}.forward does not take {', '.join(missing)}")
+    if "hidden_states" not in params:
+        raise fail(f"{type(layer).__name__}.forward does not take hidden_states first")
+
+
+def layer_hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    if not isinstance(hidden, torch.Tensor):
+        raise fail("a decoder layer was called without hidden_states")
+    return hidden
+
+
+def set_layer_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor):
+    if args:
+        return (hidden, *args[1:]), kwargs
+    kwargs["hidden_states"] = hidden
+    return args, kwargs
+
+
+def layer_rotary(kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (cos, sin) tables a decoder layer was handed (5.0-5.24: ``position_embeddings=``)."""
+    rope = kwargs.get("position_embeddings")
+    if not (isinstance(rope, tuple) and len(rope) == 2):
+        raise fail("a decoder layer was called without position_embeddings=(cos, sin)")
+    return rope
+
+
+def mask_kind(mask) -> str:
+    """How a per-layer attention mask is encoded: "none", "padding" (2-D; flash attention), "bool"
+    (4-D, True = attend; sdpa) or "additive" (4-D float, 0 or the dtype's minimum; eager). Any other
+    encoding (flex attention's BlockMask, a per-layer-type dict) raises."""
+    if mask is None:
+        return "none"
+    if isinstance(mask, torch.Tensor):
+        if mask.dim() == 2:
+            return "padding"
+        if mask.dim() == 4:
+            return "bool" if mask.dtype == torch.bool else "additive"
+    raise fail(
+        f"a decoder layer got an attention mask of a form leanvlm does not know ({type(mask).__name__})"
+    )
+
+
+def mrope_rows(position_ids):
+    """The three (t, h, w) rows of Qwen-VL position ids; 5.x may prepend a text-position row ([4, B, N])."""
+    if position_ids is not None and position_ids.dim() == 3 and position_ids.shape[0] == 4:
+        return position_ids[1:]
+    return position_ids
+
+
+def rotary(text_model, hidden: torch.Tensor, position_ids: torch.Tensor):
+    """(cos, sin) for ``position_ids`` as the text model computes them (5.0-5.24: ``rotary_emb``)."""
+    emb = getattr(text_model, "rotary_emb", None)
+    if emb is None:
+        raise fail(f"{type(text_model).__name__} has no rotary_emb")
+    return emb(hidden, position_ids=position_ids)
+
+
+def attn_implementation(config) -> str:
+    """The attention implementation a config selects (5.0-5.24: ``config._attn_implementation``)."""
+    return getattr(config, "_attn_implementation", None) or "eager"
+
+
+def set_attn_implementation(model, impl: str) -> None:
+    """Set the LLM's attention kernel, keeping sdpa in the vision tower (5.0-5.24: dict form)."""
+    model.set_attn_implementation({"": impl, "text_config": impl, "vision_config": "sdpa"})
+
+
+def causal_lm_loss(module, logits, labels=None, shift_labels=None, **kwargs):
+    """The model's own causal-LM loss (5.0-5.24: ``module.loss_function``; shift_labels take precedence)."""
+    fn = getattr(module, "loss_function", None)
+    if fn is None:
+        raise fail(f"{type(module).__name__} has no loss_function")
+    if shift_labels is not None:
+        kwargs["shift_labels"] = shift_labels
+    return fn(logits=logits, labels=labels, vocab_size=logits.shape[-1], **kwargs)
+
+
+def anyres_crops(image_size, grid_pinpoints, tile: int) -> int:
+    """LLaVA-NeXT: crops (base view + tiles) the vision tower runs for one image (5.0-5.24)."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    return image_size_to_num_patches(image_size=image_size, grid_pinpoints=grid_pinpoints, patch_size=tile)
