@@ -8,6 +8,7 @@ import torch
 from models import build
 
 import leanvlm as lv
+from leanvlm import compat
 from leanvlm.cli.main import main
 from leanvlm.presets import build_preset, demo_image
 from leanvlm.train import LlavaJsonDataset, ReductionCallback, collate
@@ -210,10 +211,16 @@ def test_gradients_reach_trainable_parameters_and_checkpointing_agrees(data_dir,
         p.requires_grad_(False)
     batch = batch_of(proc, data_dir)
     grads = {}
+    replays_hooks = compat.checkpoint_reruns_hooks(model.model.language_model.layers[0])
     for checkpointing in (False, True):
         model.zero_grad()
         if checkpointing:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            compat.set_checkpointing(model, True, use_reentrant=False)
+        if checkpointing and replays_hooks:  # transformers < 5.23: refused, loudly, at the forward
+            with lv.apply(model, method), pytest.raises(lv.CompatError, match="needs transformers >= 5.23"):
+                model(**batch)
+            compat.set_checkpointing(model, False)
+            continue
         with lv.apply(model, method) as applied:
             loss = model(**batch).loss
             loss.backward()
@@ -222,7 +229,7 @@ def test_gradients_reach_trainable_parameters_and_checkpointing_agrees(data_dir,
             loss.detach(),
             {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
         )
-        model.activation_checkpointing_disable()
+        compat.set_checkpointing(model, False)
     loss, g = grads[False]
     for name in (
         "model.multi_modal_projector.linear_1.weight",
@@ -232,6 +239,8 @@ def test_gradients_reach_trainable_parameters_and_checkpointing_agrees(data_dir,
     ):
         assert g[name].abs().sum() > 0, name
     assert not any("vision_tower" in n for n in g)
+    if replays_hooks:
+        return
     loss_ckpt, g_ckpt = grads[True]
     torch.testing.assert_close(loss_ckpt, loss)
     assert g.keys() == g_ckpt.keys()

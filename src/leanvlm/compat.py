@@ -21,7 +21,7 @@ import transformers
 from .errors import CompatError
 
 #: the oldest and newest transformers releases the whole test suite runs on (CI tests both)
-FLOOR = "5.0.0"
+FLOOR = "5.18.0"
 NEWEST_TESTED = "5.24.0"
 
 
@@ -35,6 +35,11 @@ def _parse(version: str) -> tuple[int, ...]:
     return tuple(out)
 
 
+def _next_minor() -> str:
+    major, minor = _parse(NEWEST_TESTED)[:2]
+    return f"{major}.{minor + 1}"
+
+
 def installed_version() -> str:
     return transformers.__version__
 
@@ -42,13 +47,14 @@ def installed_version() -> str:
 def version_note() -> str:
     return (
         f"transformers {installed_version()} is installed; leanvlm supports {FLOOR} to {NEWEST_TESTED} "
-        f"(pip install 'transformers>={FLOOR},<={NEWEST_TESTED}')"
+        f"(pip install 'transformers>={FLOOR},<{_next_minor()}')"
     )
 
 
 def in_supported_range(version: str | None = None) -> bool:
+    """FLOOR <= version, and no newer minor release than NEWEST_TESTED (its patch releases are in)."""
     v = _parse(version or installed_version())
-    return _parse(FLOOR) <= v <= _parse(NEWEST_TESTED)
+    return _parse(FLOOR) <= v and v[:2] <= _parse(NEWEST_TESTED)[:2]
 
 
 def fail(what: str) -> CompatError:
@@ -68,10 +74,10 @@ def warn_if_untested() -> None:
 
 
 # --- KV caches ---------------------------------------------------------------------------------------
-# 5.0-5.23: model and decoder-layer forwards take ``past_key_values=``; 5.24: ``cache=`` (the old name
+# 5.18-5.23: model and decoder-layer forwards take ``past_key_values=``; 5.24: ``cache=`` (the old name
 # a deprecated alias). The cache is therefore found by its type among a call's arguments, and the
 # names are only a first guess.
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer  # noqa: E402  (5.0-5.24)
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer  # noqa: E402  (5.18-5.24)
 
 CACHE_KWARGS = ("cache", "past_key_values", "cache_params")
 
@@ -98,7 +104,7 @@ def cache_length(cache) -> int:
 
 
 def layer_lengths(cache) -> list[int]:
-    """Tokens cached per layer (5.0-5.24: ``cache.layers[i].get_seq_length()``)."""
+    """Tokens cached per layer (5.18-5.24: ``cache.layers[i].get_seq_length()``)."""
     layers = getattr(cache, "layers", None)
     if layers is None:
         raise fail(f"{type(cache).__name__} has no per-layer list (.layers)")
@@ -106,7 +112,7 @@ def layer_lengths(cache) -> list[int]:
 
 
 def layer_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(keys, values) per layer of a dynamic cache (5.0-5.24: ``layer.keys`` / ``layer.values``)."""
+    """(keys, values) per layer of a dynamic cache (5.18-5.24: ``layer.keys`` / ``layer.values``)."""
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
@@ -121,7 +127,7 @@ def reducible_cache_problem(cache) -> str | None:
 
 
 def output_cache(output):
-    """The cache a model output carries (5.0-5.23: ``.past_key_values``; 5.24: ``.cache``), or None."""
+    """The cache a model output carries (5.18-5.23: ``.past_key_values``; 5.24: ``.cache``), or None."""
     if isinstance(output, dict):
         for name in CACHE_KWARGS:
             if is_cache(output.get(name)):
@@ -144,7 +150,7 @@ def cache_kwarg(module) -> str:
 
 
 # --- decoder layers ------------------------------------------------------------------------------------
-# 5.0-5.24: the text model's loop calls ``layer(hidden_states, attention_mask=..., position_ids=...,
+# 5.18-5.24: the text model's loop calls ``layer(hidden_states, attention_mask=..., position_ids=...,
 # <cache>=..., use_cache=..., position_embeddings=(cos, sin), **kwargs)``; the engine edits the
 # hidden states, the mask, the positions and the rotary tables.
 LAYER_KWARGS = ("attention_mask", "position_embeddings")
@@ -179,10 +185,12 @@ def set_layer_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor):
 
 
 def layer_rotary(kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (cos, sin) tables a decoder layer was handed (5.0-5.24: ``position_embeddings=``)."""
+    """The (cos, sin) tables a decoder layer was handed (5.18-5.24: ``position_embeddings=``)."""
     rope = kwargs.get("position_embeddings")
     if not (isinstance(rope, tuple) and len(rope) == 2):
         raise fail("a decoder layer was called without position_embeddings=(cos, sin)")
+    if rope[0].dim() != 3:  # before 5.17 Qwen-VL handed its layers per-section M-RoPE tables [3, B, N, D]
+        raise fail(f"a decoder layer got rotary tables of shape {tuple(rope[0].shape)}, not [B, N, head_dim]")
     return rope
 
 
@@ -210,7 +218,7 @@ def mrope_rows(position_ids):
 
 
 def rotary(text_model, hidden: torch.Tensor, position_ids: torch.Tensor):
-    """(cos, sin) for ``position_ids`` as the text model computes them (5.0-5.24: ``rotary_emb``)."""
+    """(cos, sin) for ``position_ids`` as the text model computes them (5.18-5.24: ``rotary_emb``)."""
     emb = getattr(text_model, "rotary_emb", None)
     if emb is None:
         raise fail(f"{type(text_model).__name__} has no rotary_emb")
@@ -218,17 +226,17 @@ def rotary(text_model, hidden: torch.Tensor, position_ids: torch.Tensor):
 
 
 def attn_implementation(config) -> str:
-    """The attention implementation a config selects (5.0-5.24: ``config._attn_implementation``)."""
+    """The attention implementation a config selects (5.18-5.24: ``config._attn_implementation``)."""
     return getattr(config, "_attn_implementation", None) or "eager"
 
 
 def set_attn_implementation(model, impl: str) -> None:
-    """Set the LLM's attention kernel, keeping sdpa in the vision tower (5.0-5.24: dict form)."""
+    """Set the LLM's attention kernel, keeping sdpa in the vision tower (5.18-5.24: dict form)."""
     model.set_attn_implementation({"": impl, "text_config": impl, "vision_config": "sdpa"})
 
 
 def causal_lm_loss(module, logits, labels=None, shift_labels=None, **kwargs):
-    """The model's own causal-LM loss (5.0-5.24: ``module.loss_function``; shift_labels take precedence)."""
+    """The model's own causal-LM loss (5.18-5.24: ``module.loss_function``; shift_labels take precedence)."""
     fn = getattr(module, "loss_function", None)
     if fn is None:
         raise fail(f"{type(module).__name__} has no loss_function")
@@ -238,7 +246,53 @@ def causal_lm_loss(module, logits, labels=None, shift_labels=None, **kwargs):
 
 
 def anyres_crops(image_size, grid_pinpoints, tile: int) -> int:
-    """LLaVA-NeXT: crops (base view + tiles) the vision tower runs for one image (5.0-5.24)."""
+    """LLaVA-NeXT: crops (base view + tiles) the vision tower runs for one image (5.18-5.24)."""
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
     return image_size_to_num_patches(image_size=image_size, grid_pinpoints=grid_pinpoints, patch_size=tile)
+
+
+# --- training --------------------------------------------------------------------------------------
+# 5.18-5.22: ``gradient_checkpointing`` (TrainingArguments field, ``model.gradient_checkpointing_enable``);
+# 5.23-5.24: renamed ``activation_checkpointing`` (the old names warn and are to go in 6.0).
+def checkpointing_argument() -> str:
+    """The TrainingArguments field that turns activation (gradient) checkpointing on."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    for name in ("activation_checkpointing", "gradient_checkpointing"):
+        if name in names:
+            return name
+    raise fail("TrainingArguments has neither activation_checkpointing nor gradient_checkpointing")
+
+
+def set_checkpointing(model, enabled: bool, use_reentrant: bool = False) -> None:
+    """Turn activation checkpointing on or off on a transformers model."""
+    for prefix in ("activation", "gradient"):
+        if hasattr(model, f"{prefix}_checkpointing_enable"):
+            if enabled:
+                kwargs = {f"{prefix}_checkpointing_kwargs": {"use_reentrant": use_reentrant}}
+                getattr(model, f"{prefix}_checkpointing_enable")(**kwargs)
+            else:
+                getattr(model, f"{prefix}_checkpointing_disable")()
+            return
+    raise fail(
+        f"{type(model).__name__} has no activation_checkpointing_enable / gradient_checkpointing_enable"
+    )
+
+
+def checkpoint_reruns_hooks(layer) -> bool:
+    """Whether activation checkpointing, when on for ``layer``, re-runs the layer's forward hooks in the
+    backward pass. 5.18-5.22 checkpoint ``__call__`` (hooks included: the replay would see none of the
+    engine's edits); 5.23-5.24 checkpoint ``forward``, inside the hooks."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return isinstance(layer, GradientCheckpointingLayer) and "__call__" in GradientCheckpointingLayer.__dict__
+
+
+def checkpointing_active(layer) -> bool:
+    return (
+        bool(getattr(layer, "gradient_checkpointing", False)) and layer.training and torch.is_grad_enabled()
+    )

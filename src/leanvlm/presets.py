@@ -457,7 +457,9 @@ def tiny_llava(
 
 def set_attention(model, impl: str) -> None:
     """Set the LLM's attention kernel; the vision tower keeps sdpa (it has no KV cache or drops)."""
-    model.set_attn_implementation({"": impl, "text_config": impl, "vision_config": "sdpa"})
+    from . import compat
+
+    compat.set_attn_implementation(model, impl)
 
 
 def load_pretrained(path_or_id: str, *, dtype=None, device: str = "cpu", attn_implementation: str = "sdpa"):

@@ -285,6 +285,8 @@ class Engine:
                 check_cache(past)  # refuse a cache that can not hold reduced layers before any work
 
         if past_len == 0 and mask_past == 0:
+            if self.stages:
+                self._check_checkpointing()
             return self._begin_prefill(kwargs, b, n, device, valid, visual, past)
         entry = get_kv_record(past)
         if entry is not None and entry[2] != self.layout:
@@ -364,6 +366,15 @@ class Engine:
         if any(s.kind == "merge" for s in self.stages):
             self._call.image_ids = self.adapter.image_ids(visual, self._vision_inputs)
         return None
+
+    def _check_checkpointing(self) -> None:
+        layer = self.adapter.layers[-1]
+        if compat.checkpointing_active(layer) and compat.checkpoint_reruns_hooks(layer):
+            raise compat.fail(
+                "activation checkpointing with a token-reducing method needs transformers >= 5.23: this "
+                "release checkpoints each layer's __call__, so the backward pass would replay the layers "
+                "without the engine's edits; upgrade transformers or train without checkpointing"
+            )
 
     def _prompt_len(self, n: int, valid: torch.Tensor) -> int:
         """The prompt the query rows come from: ``prompt_length(n)`` / generate()'s input, else everything."""

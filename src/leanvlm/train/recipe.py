@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .. import compat
 from ..errors import ConfigError
 from ..methods.spec import parse_method, split_top_level
 from .schedule import StagedSchedule
@@ -83,7 +84,7 @@ def run(args) -> dict:
         report_to=[],
         remove_unused_columns=False,
         dataloader_num_workers=0,
-        activation_checkpointing=args.gradient_checkpointing,
+        **{compat.checkpointing_argument(): args.gradient_checkpointing},
         bf16=on_gpu and dtype == torch.bfloat16,
         use_cpu=not on_gpu,
         deepspeed=args.deepspeed,
