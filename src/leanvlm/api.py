@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
 
 from . import compat
@@ -14,6 +15,9 @@ from .registry import find_adapter
 SUPPORTED_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
 
 _APPLIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: every module an applied engine hooks -> that model's handle (two models sharing a submodule can not
+#: both be applied: their hooks would drive one module)
+_HOOKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class Applied:
@@ -53,6 +57,9 @@ class Applied:
     def remove(self) -> None:
         """Take every hook away; the model is exactly as before :func:`apply`. Idempotent."""
         if self.active:
+            for module in self.engine.hooked_modules():
+                if _HOOKED.get(module) is self:
+                    del _HOOKED[module]
             self.engine.remove()
             del _APPLIED[self.model]
 
@@ -97,9 +104,29 @@ def apply(model, *methods: Method) -> Applied:
         )
     engine = Engine(adapter, llm[0] if llm else None)
     engine.install()
-    handle = Applied(model, tuple(methods), adapter, engine)
-    _APPLIED[model] = handle
+    return _register(Applied(model, tuple(methods), adapter, engine))
+
+
+def _register(handle: Applied) -> Applied:
+    modules = handle.engine.hooked_modules()
+    for module in modules:
+        other = _HOOKED.get(module)
+        if other is not None and other.active and other.model is not handle.model:
+            handle.engine.remove()
+            raise IncompatibleMethodsError(
+                f"{type(handle.model).__name__} shares its {type(module).__name__} with another model that "
+                f"has {other!r}; remove that one first (lv.remove(other_model))"
+            )
+    for module in modules:
+        _HOOKED[module] = handle
+    _APPLIED[handle.model] = handle
+    handle.engine.on_copy = functools.partial(_adopt_copy, handle.methods)
     return handle
+
+
+def _adopt_copy(methods, engine: Engine) -> None:
+    """``copy.deepcopy`` of an applied model: the copy is applied too, with its own handle."""
+    _register(Applied(engine.adapter.model, methods, engine.adapter, engine))
 
 
 def remove(model) -> bool:

@@ -19,8 +19,10 @@ tables, the mask encodings) goes through :mod:`leanvlm.compat`; a call the engin
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
-import types
+import threading
 import warnings
 from dataclasses import dataclass, field
 
@@ -77,6 +79,18 @@ class _Call:
     new_orig: torch.Tensor | None = None
 
 
+def _remove_hook(module: torch.nn.Module, kind: str, hook_id: int) -> None:
+    """Remove hook ``hook_id`` from ``module`` (what torch's RemovableHandle does; kept by id so that a
+    deep copy of the model, whose hooks carry the same ids, can remove its own)."""
+    names = (
+        ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
+        if kind == "pre"
+        else ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+    )
+    for name in names:
+        getattr(module, name, {}).pop(hook_id, None)
+
+
 def align_labels(labels: torch.Tensor, orig: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Labels of the tokens the last layer kept ([B, n]), so that a causal-LM loss on the shorter logits
     is the loss of the full sequence: every supervised token and the token before it must be kept
@@ -110,14 +124,49 @@ def _check_present(needed: torch.Tensor, present: torch.Tensor) -> None:
         )
 
 
+class _PerThread:
+    """An engine attribute that each thread sees on its own: the state of the forward call a thread is
+    running (and its trace), so that threads sharing one applied model never see each other's calls."""
+
+    def __init__(self, default=None, factory=None):
+        self.default, self.factory = default, factory
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, engine, owner=None):
+        if engine is None:
+            return self
+        local = engine._local
+        if not hasattr(local, self.name):
+            setattr(local, self.name, self.factory(engine) if self.factory else self.default)
+        return getattr(local, self.name)
+
+    def __set__(self, engine, value):
+        setattr(engine._local, self.name, value)
+
+
 class Engine:
-    """Installs the hooks for one in-LLM method (or none: then it only records the trace)."""
+    """Installs the hooks for one in-LLM method (or none: then it only records the trace).
+
+    Everything about a forward in flight (and the trace of the last one) is per thread."""
+
+    trace = _PerThread(factory=lambda engine: Trace(num_layers=engine.adapter.num_layers))
+    prompt_len = _PerThread()
+    _visual = _PerThread()
+    _labels = _PerThread()
+    _shift_labels = _PerThread()
+    _vision_inputs = _PerThread()
+    _final = _PerThread()
+    _call = _PerThread()
+    #: inside generate(): how many fresh (uncached) forwards of the decoder stack it has run
+    _generate_fresh = _PerThread()
 
     def __init__(self, adapter, method=None):
+        self._local = threading.local()
         self.adapter = adapter
         self.method = method
         n_layers = adapter.num_layers
-        self.trace = Trace(num_layers=n_layers)
         self.stages = [] if method is None or method.is_noop else method.drop_stages(n_layers)
         self.positions = (
             method.resolved_positions(adapter.supports_compact_positions)
@@ -132,17 +181,12 @@ class Engine:
                 self.score_at.setdefault(s.score_layer, []).append(i)
         self.reduce_at = {s.layer: i for i, s in enumerate(self.stages)}
         self.layout = tuple(s.layer for s in self.stages)  # which layers' caches differ (stored with a cache)
-        self.prompt_len: int | None = None
-        self._visual: torch.Tensor | None = None
-        self._labels: torch.Tensor | None = None
-        self._shift_labels: torch.Tensor | None = None
-        self._vision_inputs: dict | None = None
-        self._final: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._call: _Call | None = None
-        self._handles: list = []
+        #: (module, "pre" | "post", hook id) of every hook installed; every hook is a bound method of the
+        #: engine (or a partial of one), so that a deep copy of the model gets a copy of the engine
+        self._hooked: list[tuple[torch.nn.Module, str, int]] = []
         self._patched_generate = False
-        #: inside generate(): how many fresh (uncached) forwards of the decoder stack it has run
-        self._generate_fresh: int | None = None
+        #: called with the engine of a deep copy of the model (the API registers the copy's handle)
+        self.on_copy = None
 
     # --- install / remove ---------------------------------------------------------------------------
     def install(self) -> None:
@@ -151,49 +195,59 @@ class Engine:
             first = min([*self.score_at, self.stages[0].layer])
             for i in range(first, a.num_layers):
                 compat.check_decoder_layer(a.layers[i])
-        self._handles.append(a.vlm_model.register_forward_pre_hook(self._vlm_pre, with_kwargs=True))
-        self._handles.append(a.model.register_forward_pre_hook(self._top_pre, with_kwargs=True))
-        self._handles.append(a.model.register_forward_hook(self._top_post, with_kwargs=True))
-        self._handles.append(a.text_model.register_forward_pre_hook(self._text_pre, with_kwargs=True))
-        self._handles.append(a.text_model.register_forward_hook(self._text_post, with_kwargs=True))
+        self._hook(a.vlm_model, "pre", self._vlm_pre)
+        self._hook(a.model, "pre", self._top_pre)
+        self._hook(a.model, "post", self._top_post)
+        self._hook(a.text_model, "pre", self._text_pre)
+        self._hook(a.text_model, "post", self._text_post)
         if self.stages:
             for i in range(first, a.num_layers):
-                hook = self._make_layer_hook(i)
-                self._handles.append(a.layers[i].register_forward_pre_hook(hook, with_kwargs=True))
-        self._patch_generate()
+                self._hook(a.layers[i], "pre", functools.partial(self._layer_hook, i))
+        # generate() without a KV cache re-runs the whole sequence each step; ranking must keep using
+        # the last *prompt* token so that cached and uncached generation keep the same tokens, and the
+        # trace keeps the prefill (the first forward) while later forwards are decode steps.
+        a.model.generate = functools.partial(self._generate, a.model)
+        self._patched_generate = True
+
+    def _hook(self, module, kind: str, fn) -> None:
+        register = module.register_forward_pre_hook if kind == "pre" else module.register_forward_hook
+        self._hooked.append((module, kind, register(fn, with_kwargs=True).id))
+
+    def hooked_modules(self) -> list[torch.nn.Module]:
+        return [m for m, _, _ in self._hooked]
 
     def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        for module, kind, hook_id in self._hooked:
+            _remove_hook(module, kind, hook_id)
+        self._hooked.clear()
         if self._patched_generate:
             del self.adapter.model.generate
             self._patched_generate = False
         self._call = None
         self._visual = None
 
-    def _patch_generate(self) -> None:
-        # generate() without a KV cache re-runs the whole sequence each step; ranking must keep using
-        # the last *prompt* token so that cached and uncached generation keep the same tokens, and the
-        # trace keeps the prefill (the first forward) while later forwards are decode steps.
-        model = self.adapter.model
-        engine = self
-        cls_generate = type(model).generate
+    def __deepcopy__(self, memo):
+        """A deep copy of an applied model gets its own engine, driving the copy's hooks."""
+        new = copy.copy(self)
+        memo[id(self)] = new
+        new._local = threading.local()
+        new.adapter = copy.deepcopy(self.adapter, memo)
+        new._hooked = [(copy.deepcopy(m, memo), kind, hook_id) for m, kind, hook_id in self._hooked]
+        if self.on_copy is not None:
+            self.on_copy(new)
+        return new
 
-        def generate(self_model, *args, **kwargs):
-            inputs = kwargs.get("inputs", kwargs.get("input_ids", args[0] if args else None))
-            if inputs is None:
-                inputs = kwargs.get("inputs_embeds")
-            engine.prompt_len = inputs.shape[1] if inputs is not None else None
-            engine._generate_fresh = 0
-            try:
-                return cls_generate(self_model, *args, **kwargs)
-            finally:
-                engine.prompt_len = None
-                engine._generate_fresh = None
-
-        model.generate = types.MethodType(generate, model)
-        self._patched_generate = True
+    def _generate(self, model, *args, **kwargs):
+        inputs = kwargs.get("inputs", kwargs.get("input_ids", args[0] if args else None))
+        if inputs is None:
+            inputs = kwargs.get("inputs_embeds")
+        self.prompt_len = inputs.shape[1] if inputs is not None else None
+        self._generate_fresh = 0
+        try:
+            return type(model).generate(model, *args, **kwargs)
+        finally:
+            self.prompt_len = None
+            self._generate_fresh = None
 
     # --- hooks on the VLM and the decoder stack ----------------------------------------------------------
     def _vlm_pre(self, module, args, kwargs):
@@ -311,6 +365,15 @@ class Engine:
         n_cached, n_prompt, _, kvmaps = entry
         if past_len != n_cached:
             kvmaps = self._crop_maps(kvmaps, n_cached, n_prompt, past_len)
+        for i, length in enumerate(compat.layer_lengths(past)):
+            stage = self.stage_of_layer[i]
+            expected = past_len if stage == 0 else kvmaps[stage - 1].orig.shape[1]
+            if length != expected:
+                raise LeanVLMError(
+                    f"layer {i} of this KV cache holds {length} entries where the reduction that filled it "
+                    f"left {expected}: the layers were changed unevenly (e.g. cropped to an absolute length, "
+                    "which shortens only the longer layers); crop with a negative count, cache.crop(-n)"
+                )
         self._call = _Call(
             mode="extend",
             n_input=n,
@@ -440,7 +503,9 @@ class Engine:
             if call.cache is not None and call.reduced:
                 kvmaps = [KVMap(s.orig, s.valid, s.shift) for s in call.stage_states]
                 if compat.cache_length(call.cache) == call.n_input:
-                    set_kv_record(call.cache, (call.n_input, call.n_input, self.layout, kvmaps))
+                    # tokens past the prompt (draft tokens of assisted / prompt-lookup decoding that
+                    # generate() sends with the prompt) are not prompt: a cache may be cropped back to it
+                    set_kv_record(call.cache, (call.n_input, call.prompt_len, self.layout, kvmaps))
         elif compat.cache_length(call.cache) == call.past_len + call.n_input:
             kvmaps = [
                 KVMap(torch.cat([m.orig, call.new_orig], -1), torch.cat([m.valid, call.valid], -1), m.shift)
@@ -469,16 +534,13 @@ class Engine:
         ]
 
     # --- decoder layers --------------------------------------------------------------------------------
-    def _make_layer_hook(self, layer_idx: int):
-        def hook(module, args, kwargs):
-            call = self._call
-            if call is None:
-                return None
-            if call.mode == "prefill":
-                return self._prefill_layer(layer_idx, call, args, kwargs)
-            return self._extend_layer(layer_idx, call, args, kwargs)
-
-        return hook
+    def _layer_hook(self, layer_idx: int, module, args, kwargs):
+        call = self._call
+        if call is None:
+            return None
+        if call.mode == "prefill":
+            return self._prefill_layer(layer_idx, call, args, kwargs)
+        return self._extend_layer(layer_idx, call, args, kwargs)
 
     def _prefill_layer(self, layer_idx, call: _Call, args, kwargs):
         hidden = compat.layer_hidden(args, kwargs)
