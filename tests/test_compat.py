@@ -170,20 +170,32 @@ def test_llava_next_image_token_counts_match_the_processor():
         assert adapter.image_token_counts(inputs) == [n], (h, w)
 
 
-@pytest.mark.parametrize("adapter", ["llava-next", "qwen2-vl"])
-def test_adjacent_images_of_different_sizes_get_their_own_ids(adapter):
-    model, proc = build(adapter)
+def test_adjacent_images_of_different_sizes_get_their_own_ids():
+    """LLaVA-NeXT: `<image><image>` with a 56 px and a 112 px image: one run of placeholders, split by
+    each image's own token count."""
+    model, proc = build("llava-next")
     ad = find_adapter(model)
+    images = [demo_image(56, seed=1), demo_image(112, seed=2)]
     singles = []
-    for side in (56, 112):
-        one = make_inputs(proc, [("x", 1)], image_size=side)
+    for image in images:
+        one = proc(text=["<image>\nx"], images=[image], return_tensors="pt")
         singles.append(int(ad.visual_mask(one["input_ids"], None).sum()))
-    both = make_inputs(proc, [("x", 2)])
+    assert singles[0] != singles[1]
+    both = proc(text=["<image><image>\nx"], images=images, return_tensors="pt")
     visual = ad.visual_mask(both["input_ids"], None)
-    vision_inputs = {**both, "has_input_ids": True}
-    ids = ad.image_ids(visual, vision_inputs)
-    counts = torch.bincount(ids[ids >= 0]).tolist()
-    assert len(counts) == 2 and sum(counts) == int(visual.sum())
+    ids = ad.image_ids(visual, {**both, "has_input_ids": True})
+    assert torch.bincount(ids[ids >= 0]).tolist() == singles
+    assert ids[visual].tolist() == [0] * singles[0] + [1] * singles[1]  # in order, one run
+
+
+def test_qwen_video_frames_are_images_of_their_own():
+    model, proc = build("qwen2-vl")
+    ad = find_adapter(model)
+    ids = torch.tensor([[1, model.config.video_token_id, *[model.config.video_token_id] * 7, 2]])
+    visual = ad.visual_mask(ids, None)
+    grid = torch.tensor([[2, 4, 4]])  # two frames of 4x4 patches, 2x2 merge: 4 tokens per frame
+    out = ad.image_ids(visual, {"input_ids": ids, "has_input_ids": True, "video_grid_thw": grid})
+    assert out[0, 1:9].tolist() == [0] * 4 + [1] * 4
 
 
 def test_vcc_never_merges_the_last_prompt_token():
@@ -270,3 +282,80 @@ def test_prompt_length_is_checked():
             model(**inputs)
         with applied.prompt_length(pad + 1), torch.no_grad():
             model(**inputs)
+
+
+def test_generate_inside_prompt_length_keeps_it():
+    model, proc = build("llava")
+    inputs = make_inputs(proc, PROMPTS[:1])
+    n = inputs["input_ids"].shape[1]
+    answer = {**inputs, "input_ids": torch.cat([inputs["input_ids"], torch.tensor([[11, 12, 13]])], -1)}
+    answer["attention_mask"] = torch.ones_like(answer["input_ids"])
+    with lv.apply(model, lv.FastV(layer=2, keep_ratio=0.5)) as applied, torch.no_grad():
+        with applied.prompt_length(n):
+            model(**answer)
+            before = applied.trace.kept_visual[1][0].tolist()
+            model.generate(**inputs, **GEN)
+            model(**answer)
+            assert applied.trace.kept_visual[1][0].tolist() == before
+        assert applied.engine.prompt_len is None
+    import numpy as np
+
+    with lv.apply(model) as applied, applied.prompt_length(np.int64(5)):
+        assert applied.engine.prompt_len == 5
+
+
+def test_trace_of_generate_in_a_worker_thread_is_visible():
+    import threading
+
+    model, proc = build("llava")
+    inputs = make_inputs(proc, PROMPTS[:1])
+    with lv.apply(model, lv.FastV(layer=2, keep_ratio=0.5)) as applied, torch.no_grad():
+        worker = threading.Thread(target=model.generate, kwargs={**inputs, **GEN})
+        worker.start()
+        worker.join()
+        assert applied.trace.visual_per_layer[0][2] == 8
+        assert applied.trace.decode_steps == GEN["max_new_tokens"] - 1
+        assert lv.last_report(model).layers[0].visual == 16
+
+
+def test_vcc_with_a_row_of_padding_only_on_llava_next():
+    model, proc = build("llava-next")
+    inputs = make_inputs(proc, PROMPTS[:2])
+    inputs["attention_mask"][1] = 0
+    with lv.apply(model, lv.VisualContextCompression(layer=2, stride=4)) as applied, torch.no_grad():
+        out = model(**inputs).logits
+    assert torch.isfinite(out[0]).all()
+    assert applied.trace.visual_per_layer[1] == [0] * 5
+
+
+def test_2d_pooling_is_refused_where_features_are_not_a_grid():
+    from leanvlm.presets import build_preset
+
+    model, _ = build_preset("tiny", seed=0)
+    model.config.vision_feature_select_strategy = "full"
+    with pytest.raises(lv.ConfigError, match="pool='2d' needs every image on one fixed grid"):
+        lv.apply(model, lv.VisualContextCompression(layer=1, stride=4, pool="2d"))
+
+
+def test_batch_operations_on_a_reduced_cache_are_refused():
+    model, proc = build("llava")
+    inputs = make_inputs(proc, PROMPTS[:1])
+    with lv.apply(model, lv.FastV(layer=2, keep_ratio=0.5)), torch.no_grad():
+        _, cache = cached_forward(model, inputs)
+        cache.batch_repeat_interleave(2)
+        mask = torch.ones(2, inputs["input_ids"].shape[1] + 1, dtype=torch.long)
+        with pytest.raises(lv.LeanVLMError, match="batch operations on a reduced cache"):
+            model(input_ids=torch.full((2, 1), 7), attention_mask=mask, **{compat.cache_kwarg(model): cache})
+
+
+def test_deep_copy_of_one_hooked_layer_does_not_copy_the_model():
+    import copy
+
+    from leanvlm import api
+
+    model, _ = build("llava")
+    with lv.apply(model, lv.FastV(layer=2, keep_ratio=0.5)):
+        applied_before = len(api._APPLIED)
+        layer = copy.deepcopy(model.model.language_model.layers[3])
+        assert len(api._APPLIED) == applied_before
+        assert layer is not model.model.language_model.layers[3]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import operator
 import weakref
 
 from . import compat
@@ -33,16 +34,25 @@ class Applied:
     def trace(self) -> Trace:
         """What the model processed: per layer in the last prefill (``tokens_per_layer``,
         ``visual_per_layer``) and per decode step since then (``decode``); see :class:`Trace`."""
-        return self.engine.trace
+        own = self.engine.trace
+        if own.prefills == 0 and self.engine.last_trace is not None:
+            return self.engine.last_trace  # e.g. generate() ran in a worker thread (a streamer)
+        return own
 
     @contextlib.contextmanager
     def prompt_length(self, n: int):
         """Within this block, forward passes rank visual tokens with the query of a prompt of ``n``
         tokens (e.g. the last prompt token) even when the input continues past it, as when scoring
         candidate answers appended to a prompt. ``n`` counts positions of the (left-padded) input, so
-        it must reach past every sample's padding. ``generate()`` does this by itself."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        it must reach past every sample's padding. ``generate()`` does this by itself. The setting holds
+        for forward passes run in the thread that entered the block."""
+        try:
+            value = None if isinstance(n, bool) else operator.index(n)
+        except TypeError:
+            value = None
+        if value is None or value < 1:
             raise ConfigError(f"prompt_length: n={n!r} must be an int >= 1 (positions of the padded prompt)")
+        n = value
         previous = self.engine.prompt_len
         self.engine.prompt_len = n
         try:

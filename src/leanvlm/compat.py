@@ -2,7 +2,8 @@
 
 transformers renames internals between releases (5.24 renamed the decoder forwards' cache argument
 from ``past_key_values=`` to ``cache=``). The engine, the methods and the adapters reach what they
-rely on only through this module. Each entry says which releases it was checked on; when what an
+rely on of transformers' calling conventions, caches and helpers only through this module (what a
+model is made of, its modules and their attributes, is the adapters' knowledge). Each entry says which releases it was checked on; when what an
 entry relies on is missing, it raises :class:`CompatError` naming the installed version and the
 supported range, never a silent fallback.
 

@@ -37,6 +37,8 @@ class LlavaAdapter(Adapter):
 
     @property
     def fixed_grid(self) -> tuple[int, int] | None:
+        if self.model.config.vision_feature_select_strategy == "full":
+            return None  # the CLS feature rides along: the tokens are not a grid
         v = self.model.config.vision_config
         return (v.image_size // v.patch_size,) * 2
 

@@ -185,6 +185,8 @@ class Engine:
         #: engine (or a partial of one), so that a deep copy of the model gets a copy of the engine
         self._hooked: list[tuple[torch.nn.Module, str, int]] = []
         self._patched_generate = False
+        #: the trace of the last prefill in any thread (what a thread that ran none sees)
+        self.last_trace: Trace | None = None
         #: called with the engine of a deep copy of the model (the API registers the copy's handle)
         self.on_copy = None
 
@@ -227,10 +229,15 @@ class Engine:
         self._visual = None
 
     def __deepcopy__(self, memo):
-        """A deep copy of an applied model gets its own engine, driving the copy's hooks."""
+        """A deep copy of an applied model gets its own engine, driving the copy's hooks. A deep copy of
+        one hooked submodule alone keeps pointing at this engine (its hooks then do nothing outside this
+        model's calls) instead of dragging a copy of the whole model along."""
+        if id(self.adapter.model) not in memo:
+            return self
         new = copy.copy(self)
         memo[id(self)] = new
         new._local = threading.local()
+        new.last_trace = None
         new.adapter = copy.deepcopy(self.adapter, memo)
         new._hooked = [(copy.deepcopy(m, memo), kind, hook_id) for m, kind, hook_id in self._hooked]
         if self.on_copy is not None:
@@ -241,13 +248,13 @@ class Engine:
         inputs = kwargs.get("inputs", kwargs.get("input_ids", args[0] if args else None))
         if inputs is None:
             inputs = kwargs.get("inputs_embeds")
+        saved = self.prompt_len, self._generate_fresh  # generate() may run inside prompt_length() or itself
         self.prompt_len = inputs.shape[1] if inputs is not None else None
         self._generate_fresh = 0
         try:
             return type(model).generate(model, *args, **kwargs)
         finally:
-            self.prompt_len = None
-            self._generate_fresh = None
+            self.prompt_len, self._generate_fresh = saved
 
     # --- hooks on the VLM and the decoder stack ----------------------------------------------------------
     def _vlm_pre(self, module, args, kwargs):
@@ -320,7 +327,10 @@ class Engine:
         self._visual = None
         if visual is None or visual.shape != (b, n):
             visual = torch.zeros(b, n, dtype=torch.bool, device=device)
-        visual = visual.to(device) & valid
+        placeholders = visual.to(
+            device
+        )  # every image's tokens, padded rows' included (image counts cover them)
+        visual = placeholders & valid
 
         if self.stages:
             if past is None and mask_past > 0:
@@ -341,7 +351,7 @@ class Engine:
         if past_len == 0 and mask_past == 0:
             if self.stages:
                 self._check_checkpointing()
-            return self._begin_prefill(kwargs, b, n, device, valid, visual, past)
+            return self._begin_prefill(kwargs, b, n, device, valid, visual, past, placeholders)
         entry = get_kv_record(past)
         if entry is not None and entry[2] != self.layout:
             raise LeanVLMError(
@@ -363,6 +373,11 @@ class Engine:
             self.trace.decode.append(DecodeRecord([0], valid.sum(-1), [full_keys], cached=True))
             return None
         n_cached, n_prompt, _, kvmaps = entry
+        if kvmaps and kvmaps[0].orig.shape[0] != b:
+            raise LeanVLMError(
+                f"this KV cache was filled by a reduced prefill of {kvmaps[0].orig.shape[0]} samples but "
+                f"continues with {b}; batch operations on a reduced cache (repeat, reorder) are not supported"
+            )
         if past_len != n_cached:
             kvmaps = self._crop_maps(kvmaps, n_cached, n_prompt, past_len)
         for i, length in enumerate(compat.layer_lengths(past)):
@@ -395,12 +410,13 @@ class Engine:
         )
         return None
 
-    def _begin_prefill(self, kwargs, b, n, device, valid, visual, past):
+    def _begin_prefill(self, kwargs, b, n, device, valid, visual, past, placeholders):
         """A forward over a sequence with nothing cached: the prefill, or (generate() without a KV cache)
         a recompute of the whole sequence, recorded as a decode step."""
         recompute = self._generate_fresh is not None and self._generate_fresh > 0
         if self._generate_fresh is not None:
             self._generate_fresh += 1
+        self.last_trace = self.trace
         if past is not None:
             set_kv_record(past, None)  # a reset or new cache: nothing from an earlier prefill applies
         orig = torch.arange(n, device=device).expand(b, n)
@@ -427,7 +443,8 @@ class Engine:
             recompute=recompute,
         )
         if any(s.kind == "merge" for s in self.stages):
-            self._call.image_ids = self.adapter.image_ids(visual, self._vision_inputs)
+            ids = self.adapter.image_ids(placeholders, self._vision_inputs)
+            self._call.image_ids = ids.masked_fill(~valid, -1)
         return None
 
     def _check_checkpointing(self) -> None:

@@ -35,9 +35,11 @@ class VisualContextCompression(Method):
 
     Differences from the reference:
         - The reference pools exactly 576 tokens per image (LLaVA-1.5 only) and needs the same number
-          of images in every sample of a batch; here each run of visual tokens is pooled on its own
-          (any grid size, a shorter last group when the count is not a multiple of the stride), and
-          samples with different visual counts (or none) share a batch.
+          of images in every sample of a batch; here each image is pooled on its own, never across
+          images (the adapter tells which tokens belong to which image, so two images back to back
+          stay apart; any grid size; a shorter last group when the count is not a multiple of the
+          stride), and samples with different visual counts (or none) share a batch.
+        - The last prompt token is never pooled (generation continues from it).
         - Positions are pooled in integer arithmetic (the reference pools them in fp16, which rounds
           above 1024); "first" is offered as the alternative position.
         - Layer 0 (pooling the LLM input) is not offered: the engine keeps layer 0 uncompressed so
