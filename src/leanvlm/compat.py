@@ -29,10 +29,16 @@ NEWEST_TESTED = "5.24.0"
 def _parse(version: str) -> tuple[int, ...]:
     out = []
     for part in version.split(".")[:3]:
-        digits = "".join(ch for ch in part if ch.isdigit())
+        digits = ""
+        for ch in part:  # leading digits only: "0rc1" -> 0
+            if not ch.isdigit():
+                break
+            digits += ch
         if not digits:
             break
         out.append(int(digits))
+        if digits != part:
+            break
     return tuple(out)
 
 
@@ -244,6 +250,13 @@ def causal_lm_loss(module, logits, labels=None, shift_labels=None, **kwargs):
     if shift_labels is not None:
         kwargs["shift_labels"] = shift_labels
     return fn(logits=logits, labels=labels, vocab_size=logits.shape[-1], **kwargs)
+
+
+def anyres_canvas(size: tuple[int, int], grid_pinpoints) -> tuple[int, int]:
+    """LLaVA-NeXT: the (height, width) canvas an image of ``size`` is fitted to (5.18-5.24)."""
+    from transformers.image_processing_utils import select_best_resolution
+
+    return tuple(select_best_resolution(list(size), grid_pinpoints))
 
 
 def anyres_crops(image_size, grid_pinpoints, tile: int) -> int:

@@ -35,7 +35,7 @@ class LlavaNextAdapter(LlavaAdapter):
         base = side * side + (1 if cfg.vision_feature_select_strategy == "full" else 0)
         counts = []
         for height, width in sizes.tolist():
-            best_h, best_w = best_resolution((height, width), cfg.image_grid_pinpoints)
+            best_h, best_w = compat.anyres_canvas((height, width), cfg.image_grid_pinpoints)
             rows, cols = side * (best_h // tile), side * (best_w // tile)
             if width / height > cols / rows:  # wider than the tile grid: rows of padding are removed
                 rows -= (rows - int(round(height * (cols / width), 7))) // 2 * 2
@@ -59,17 +59,3 @@ class LlavaNextAdapter(LlavaAdapter):
 
     fixed_grid = None  # AnyRes: every image has its own layout
     image_grids = Adapter.image_grids  # AnyRes tiles are not drawn yet: refused with a clear error
-
-
-def best_resolution(size: tuple[int, int], candidates) -> tuple[int, int]:
-    """The AnyRes canvas (height, width) for an image of ``size``: the most of the image's resolution kept
-    after fitting, then the least canvas wasted (LLaVA-NeXT's rule)."""
-    height, width = size
-    best, best_key = None, None
-    for h, w in candidates:
-        scale = min(w / width, h / height)
-        effective = min(int(width * scale) * int(height * scale), width * height)
-        key = (effective, -(w * h - effective))
-        if best_key is None or key > best_key:
-            best, best_key = (h, w), key
-    return best

@@ -327,9 +327,8 @@ class Engine:
         self._visual = None
         if visual is None or visual.shape != (b, n):
             visual = torch.zeros(b, n, dtype=torch.bool, device=device)
-        placeholders = visual.to(
-            device
-        )  # every image's tokens, padded rows' included (image counts cover them)
+        # every image's placeholders, padded rows' included (the images' token counts cover them)
+        placeholders = visual.to(device)
         visual = placeholders & valid
 
         if self.stages:
