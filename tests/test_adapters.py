@@ -27,7 +27,7 @@ def test_mrope_kept_tokens_keep_their_original_3d_positions(adapter, method):
     def grab_positions(module, args, kwargs):
         seen["position_ids"] = kwargs["position_ids"]
 
-    last = method.drop_stages(5)[-1].layer
+    last = max(step.layer for step in method.plan(lv.registry.find_adapter(model)))
 
     def grab_layer(module, args, kwargs):
         seen["cos"], seen["sin"] = kwargs["position_embeddings"]
@@ -63,10 +63,11 @@ def test_compact_positions_are_refused_on_mrope_and_auto_means_original(adapter)
         lv.ConfigError, match=r"positions='compact' is not possible on Qwen2.*use positions='original'"
     ):
         lv.apply(model, lv.PyramidDrop(layers=(1, 3), keep_ratios=(0.5, 0.25), positions="compact"))
-    with lv.apply(model, lv.PyramidDrop(layers=(1, 3), keep_ratios=(0.5, 0.25))) as applied:
-        assert applied.engine.positions == "original"
-    with lv.apply(build("llava")[0], lv.PyramidDrop(layers=(1, 3), keep_ratios=(0.5, 0.25))) as applied:
-        assert applied.engine.positions == "compact"
+    method = lv.PyramidDrop(layers=(1, 3), keep_ratios=(0.5, 0.25))
+    with lv.apply(model, method) as applied:
+        assert method.resolved_positions(applied.adapter.supports_compact_positions) == "original"
+    with lv.apply(build("llava")[0], method) as applied:
+        assert method.resolved_positions(applied.adapter.supports_compact_positions) == "compact"
 
 
 @pytest.mark.parametrize("adapter", QWEN)

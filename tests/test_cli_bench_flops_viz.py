@@ -151,10 +151,7 @@ def test_matched_budgets_give_matched_equivalent_tokens():
     configs = build_configs(None, parse_budgets("0.5"), 32)
     fastv, pdrop, vcc = (c.methods[0] for c in configs[2:])
     for method in (fastv, pdrop):
-        visual = [576] * 32
-        for stage in method.drop_stages(32):
-            for layer in range(stage.layer, 32):
-                visual[layer] = stage.keep(576)
+        visual = method.visual_schedule(32, [576])
         assert sum(visual) / 32 == pytest.approx(288, abs=2)
     assert configs[3].methods[0] == lv.PyramidDrop.at_budget(0.5, 32)
     pooled = (2 * 576 + 30 * -(-576 // vcc.stride)) / 32  # pooling strides are integers: close, not exact

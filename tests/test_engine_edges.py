@@ -147,9 +147,7 @@ def test_prompt_ending_with_an_image_keeps_its_last_token():
             cached = model.generate(**inputs, max_new_tokens=3, do_sample=False)
             uncached = model.generate(**inputs, max_new_tokens=3, do_sample=False, use_cache=False)
         assert all(int(stage.orig[0, -1]) == n - 1 for stage in stages)
-        expected = [16] * 5
-        for stage in method.drop_stages(5):
-            expected[stage.layer :] = [stage.keep(16)] * (5 - stage.layer)
+        expected = method.visual_schedule(5, [16])
         assert visual == expected  # the protected token counts against the budget
         assert torch.equal(cached, uncached)
 

@@ -245,11 +245,8 @@ def test_trace_counts_follow_schedule(adapter, method):
     lengths = inputs["attention_mask"].sum(-1).tolist()
     runs = image_runs(model, inputs)
     for b, n_vis in enumerate(visual_counts(model, inputs)):
-        expected = [n_vis] * NUM_LAYERS
-        for stage in method.drop_stages(NUM_LAYERS):
-            kept = sum(-(-r // stage.stride) for r in runs[b]) if stage.kind == "merge" else stage.keep(n_vis)
-            for layer in range(stage.layer, NUM_LAYERS):
-                expected[layer] = kept
+        expected = method.visual_schedule(NUM_LAYERS, runs[b])  # what the FLOPs formula assumes
+        assert expected[0] == n_vis == sum(runs[b])
         assert trace.visual_per_layer[b] == expected
         assert trace.tokens_per_layer[b] == [lengths[b] - n_vis + v for v in expected]
 
@@ -292,10 +289,12 @@ def test_kept_tokens_are_top_attended(adapter, method):
     inputs = make_inputs(proc, PROMPTS[:1])
     with torch.no_grad():
         attentions = model(**inputs, output_attentions=True).attentions
-    first = method.drop_stages(NUM_LAYERS)[0]
+    score_layer = method.scoring_layers(NUM_LAYERS)[0]
     visual_pos = lv.registry.find_adapter(model).visual_mask(inputs["input_ids"], None)[0].nonzero()[:, 0]
-    received = attentions[first.score_layer][0, :, -1].mean(0)[visual_pos]  # last token's row, heads averaged
-    top = visual_pos[received.topk(first.keep(len(visual_pos))).indices].sort().values
+    n = len(visual_pos)
+    n_keep = method.keep_count(n) if isinstance(method, lv.FastV) else method.keep_count(0, n)  # first stage
+    received = attentions[score_layer][0, :, -1].mean(0)[visual_pos]  # last token's row, heads averaged
+    top = visual_pos[received.topk(n_keep).indices].sort().values
     with lv.apply(model, method) as applied:
         last_logits(model, inputs)
         kept = applied.trace.kept_visual[1][0]

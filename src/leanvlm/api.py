@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import operator
 import weakref
 
 from . import compat
 from .engine import Engine, Trace
 from .errors import ConfigError, IncompatibleMethodsError, LeanVLMError, UnsupportedModelError
-from .methods.base import Method
+from .methods.base import INSTALLABLE_STAGES, NEEDS, STAGES, Method
 from .registry import find_adapter
 
 SUPPORTED_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
@@ -99,22 +100,46 @@ def apply(model, *methods: Method) -> Applied:
             raise ConfigError(f"apply() takes method configs such as lv.FastV(...); got {m!r}")
     compat.warn_if_untested()
     adapter = find_adapter(model)
-    llm = [m for m in methods if m.stage == "llm"]
-    if len(llm) > 1:
-        raise IncompatibleMethodsError(
-            f"at most one in-LLM method at a time; got {', '.join(type(m).__name__ for m in llm)}"
-        )
-    for m in methods:
+    ordered = compose(methods)
+    for m in ordered:
         m.check_model(adapter.num_layers)
         m.check_adapter(adapter)
     impl = adapter.attn_implementation
-    if llm and impl not in SUPPORTED_ATTENTION:
+    if ordered and impl not in SUPPORTED_ATTENTION:
         raise UnsupportedModelError(
             f"attn_implementation={impl!r} is not supported; supported: {', '.join(SUPPORTED_ATTENTION)}"
         )
-    engine = Engine(adapter, llm[0] if llm else None)
+    engine = Engine(adapter, ordered)
     engine.install()
     return _register(Applied(model, tuple(methods), adapter, engine))
+
+
+def compose(methods) -> tuple[Method, ...]:
+    """The methods in stage order (vision tower, LLM input, inside the LLM, decoding), after checking
+    that the engine can install each one's stage and needs, and that no two share a stage unless both
+    say they compose. Raises ConfigError / IncompatibleMethodsError naming the methods."""
+    for m in methods:
+        name = type(m).__name__
+        if m.stage not in INSTALLABLE_STAGES:
+            raise UnsupportedModelError(
+                f"{name} acts at stage {m.stage!r}, which this version of leanvlm cannot install; "
+                f"installable stages: {', '.join(INSTALLABLE_STAGES)}"
+            )
+        unknown = [need for need in m.needs if need not in NEEDS]
+        if unknown:
+            raise UnsupportedModelError(
+                f"{name} needs {', '.join(map(repr, unknown))}, which the engine does not provide; "
+                f"it provides: {', '.join(NEEDS)}"
+            )
+    ordered = sorted(methods, key=lambda m: STAGES.index(m.stage))
+    for a, b in itertools.pairwise(ordered):
+        if a.stage == b.stage and not (a.composes and b.composes):
+            label = "in-LLM" if a.stage == "llm" else f"{a.stage}-stage"
+            raise IncompatibleMethodsError(
+                f"at most one {label} method at a time; got {type(a).__name__}, {type(b).__name__} "
+                "(methods that share a stage must both declare composes=True)"
+            )
+    return tuple(ordered)
 
 
 def _register(handle: Applied) -> Applied:

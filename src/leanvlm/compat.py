@@ -191,6 +191,19 @@ def set_layer_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor):
     return args, kwargs
 
 
+def layer_output_hidden(output) -> torch.Tensor:
+    """The hidden states a decoder layer returned (5.18-5.24: the tensor itself; older: a tuple's first)."""
+    hidden = output[0] if isinstance(output, tuple) else output
+    if not isinstance(hidden, torch.Tensor):
+        raise fail(f"a decoder layer returned {type(output).__name__}, not hidden states")
+    return hidden
+
+
+def layer_output(hidden: torch.Tensor):
+    """What a decoder layer's forward returns for ``hidden`` (5.18-5.24: the tensor itself)."""
+    return hidden
+
+
 def layer_rotary(kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """The (cos, sin) tables a decoder layer was handed (5.18-5.24: ``position_embeddings=``)."""
     rope = kwargs.get("position_embeddings")

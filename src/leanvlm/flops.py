@@ -225,8 +225,12 @@ def report(
     dtype_bytes: int = 2,
     vision_sequences: list[int] | None = None,
     scoring: list[tuple[int, int]] = (),
+    input_visual: int | None = None,
 ) -> FlopsReport:
     """FLOPs of one sample's prefill given what each layer processed (tokens incl. visual).
+
+    ``input_visual``: the visual tokens the projector produced (default: layer 0's; more when an
+    input-stage method removed some before the LLM).
 
     ``vision_sequences``: the length of every sequence the vision tower ran (one per image, or per
     crop / tile); by default ``images`` sequences of the shape's fixed length."""
@@ -262,7 +266,7 @@ def report(
         layers=layers,
         images=images,
         vision=vision,
-        projector=projector_flops(shape, visual_per_layer[0]),
+        projector=projector_flops(shape, visual_per_layer[0] if input_visual is None else input_visual),
         lm_head=lm_head_flops(t),
         kv_bytes=kv_cache_bytes(t, tokens_per_layer, dtype_bytes),
         decode_flops_per_token=per_token,
@@ -287,9 +291,10 @@ def from_trace(
     """The report for one sample of an engine trace (what each layer really processed)."""
     tokens = trace.tokens_per_layer[sample]
     visual = trace.visual_per_layer[sample]
+    input_visual = int(trace.stages[0].visual[sample].sum())  # what the vision tower and projector made
     if images is None:
         per_image = shape.visual_tokens_per_image
-        images = visual[0] // per_image if per_image else len(vision_sequences or ())
+        images = input_visual // per_image if per_image else len(vision_sequences or ())
     rep = report(
         shape,
         tokens,
@@ -298,6 +303,7 @@ def from_trace(
         dtype_bytes=dtype_bytes,
         vision_sequences=vision_sequences,
         scoring=trace.scoring_counts(sample),
+        input_visual=input_visual,
     )
     if (
         shape.vision is not None
@@ -310,32 +316,24 @@ def from_trace(
 
 
 def schedule_counts(method, num_layers: int, n_visual: int, n_text: int) -> tuple[list[int], list[int]]:
-    """(tokens_per_layer, visual_per_layer) that ``method``'s schedule implies for one prompt."""
-    visual = [n_visual] * num_layers
-    if method is not None and not method.is_noop:
-        current = n_visual
-        for stage in method.drop_stages(num_layers):
-            if stage.kind == "merge":  # one image (or a multiple of the stride per image) is exact
-                current = -(-current // stage.stride)
-            else:
-                current = min(stage.keep(n_visual), current)
-            for layer in range(stage.layer, num_layers):
-                visual[layer] = current
-    return [n_text + v for v in visual], visual
+    """(tokens_per_layer, visual_per_layer) that ``method``'s schedule implies for one prompt with one
+    image of ``n_visual`` tokens (what the method declares; the engine's trace is tested against it)."""
+    if method is None or method.is_noop:
+        visual, extra = [n_visual] * num_layers, [0] * num_layers
+    else:
+        visual, extra = method.visual_schedule(num_layers, [n_visual]), method.extra_tokens(num_layers)
+    return [n_text + v + e for v, e in zip(visual, extra, strict=True)], visual
 
 
 def schedule_scoring(method, tokens_per_layer: list[int], n_text: int) -> list[tuple[int, int]]:
-    """(tokens, query rows) of each ranking step ``method``'s schedule implies for one prompt."""
+    """(tokens, query rows) of each ranking step ``method``'s schedule implies for one prompt: a ranking
+    on layer s's input sees what layer s-1 processed (before any edit at s)."""
     if method is None or method.is_noop:
         return []
     queries = 1 if getattr(method, "query", "last") == "last" else n_text
-    stages = method.drop_stages(len(tokens_per_layer))
-    reduced_at = {s.layer for s in stages}
-    # a ranking at a layer that also reduces sees that layer's input: the previous layer's token set
     return [
-        (tokens_per_layer[s.score_layer - 1 if s.score_layer in reduced_at else s.score_layer], queries)
-        for s in stages
-        if s.kind == "drop"
+        (tokens_per_layer[s - 1] if s > 0 else tokens_per_layer[0], queries)
+        for s in method.scoring_layers(len(tokens_per_layer))
     ]
 
 

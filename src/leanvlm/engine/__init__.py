@@ -1,7 +1,24 @@
-"""The only code that drives the decoder-layer loop."""
+"""Plumbing that runs methods' plans through a stock transformers forward (no method algorithm)."""
 
-from .loop import Engine
+from .context import Context
+from .edits import Insert, Keep, Merge
+from .plan import Replace, Step
+from .session import Engine
 from .state import KVMap, TokenState
 from .trace import DecodeRecord, ScoreRecord, StageRecord, Trace
 
-__all__ = ["DecodeRecord", "Engine", "KVMap", "ScoreRecord", "StageRecord", "TokenState", "Trace"]
+__all__ = [
+    "Context",
+    "DecodeRecord",
+    "Engine",
+    "Insert",
+    "KVMap",
+    "Keep",
+    "Merge",
+    "Replace",
+    "ScoreRecord",
+    "StageRecord",
+    "Step",
+    "TokenState",
+    "Trace",
+]

@@ -3,65 +3,47 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import ClassVar
 
 from ..errors import ConfigError, show
 
 POSITIONS = ("auto", "original", "compact")
 QUERIES = ("last", "text")
-
-
-@dataclass(frozen=True)
-class MergeStage:
-    """Average-pool visual tokens at ``layer``: every group of ``stride`` neighbouring visual tokens of
-    an image becomes one token (its hidden state the group mean) that replaces them.
-
-    ``pool``: "1d" (consecutive tokens in raster order) or "2d" (square blocks of the image grid,
-    ``stride`` a square number). ``merge_position``: "mean" (floor of the group's mean position id,
-    as LLaVolta) or "first" (the first member's position id).
-    """
-
-    layer: int
-    stride: int
-    pool: str = "1d"
-    merge_position: str = "mean"
-    kind: str = "merge"
-
-
-@dataclass(frozen=True)
-class DropStage:
-    """One rank-and-drop step inside the LLM.
-
-    ``layer``: the first decoder layer that sees the reduced set (layers before it see every token).
-    ``score_layer``: the layer whose attention, computed on its own input, ranks the visual tokens.
-    ``keep``: number of visual tokens to keep given the sample's original visual-token count.
-    """
-
-    layer: int
-    score_layer: int
-    keep: Callable[[int], int]
-    kind: str = "drop"
+#: where a method acts; the engine installs "input" (the LLM's input, before any layer) and "llm"
+STAGES = ("vision", "input", "llm", "decode")
+INSTALLABLE_STAGES = ("input", "llm")
+#: what a method may declare it needs; the engine provides these
+NEEDS = ("scores", "image_ids")
 
 
 class Method:
-    """Base of every method config (frozen dataclasses).
+    """Base of every method config (frozen dataclasses). A method's file holds its whole algorithm:
+    :meth:`plan` hands the engine steps (:class:`leanvlm.engine.plan.Step` / ``Replace``) whose edits
+    are generic (:mod:`leanvlm.engine.edits`).
 
     Flags read by callers (never ``isinstance``):
-      stage: "llm" (acts inside the language model), "vision" or "decode".
-      needs_scores: ranks tokens by attention.
-      changes_length: later layers see a shorter sequence.
+      stage: where it acts: "input" (the LLM's input, before any layer), "llm" (inside the language
+        model), "vision" (inside the vision tower) or "decode"; ``apply`` orders methods by it and
+        refuses a stage the engine cannot install.
+      needs: what the engine must provide (``NEEDS``); ``apply`` refuses an unknown need.
+      needs_scores: ranks tokens by attention (``"scores" in needs``).
+      changes_length: later layers see a different number of tokens (the cache holds stages).
       trainable: adds parameters that must be trained.
+      composes: may share its stage with another method (default: one method per stage).
     """
 
     name: ClassVar[str]
     #: what positions="auto" means where the model allows it (the reference code's choice)
     reference_positions: ClassVar[str] = "original"
     stage: ClassVar[str] = "llm"
-    needs_scores: ClassVar[bool] = False
+    needs: ClassVar[tuple[str, ...]] = ()
     changes_length: ClassVar[bool] = True
     trainable: ClassVar[bool] = False
+    composes: ClassVar[bool] = False
+
+    @property
+    def needs_scores(self) -> bool:
+        return "scores" in self.needs
 
     positions: str
     query: str
@@ -99,9 +81,22 @@ class Method:
     def check_model(self, num_layers: int) -> None:
         """Checks that need the model (raise ConfigError); run by ``apply`` before anything is installed."""
 
-    def drop_stages(self, num_layers: int) -> list[DropStage | MergeStage]:
-        """The reduction steps inside the LLM, in layer order."""
+    def plan(self, adapter) -> list:
+        """The steps the engine runs (checked when applied); only called on a setting that is not a no-op."""
         raise NotImplementedError
+
+    def visual_schedule(self, num_layers: int, images: list[int]) -> list[int]:
+        """Visual tokens each decoder layer processes for one sample whose images have ``images`` visual
+        tokens each (what the FLOPs formula assumes; the trace must match it)."""
+        raise NotImplementedError
+
+    def scoring_layers(self, num_layers: int) -> list[int]:
+        """The layers whose input an attention ranking is computed on (FLOPs of the ranking)."""
+        return []
+
+    def extra_tokens(self, num_layers: int) -> list[int]:
+        """Tokens each layer processes beyond the input's text and visual ones (inserted tokens)."""
+        return [0] * num_layers
 
     @property
     def is_noop(self) -> bool:

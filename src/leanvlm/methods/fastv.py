@@ -2,9 +2,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..engine.plan import Step
 from ..errors import ConfigError, check_range, is_int, show
 from ..registry import register_method
-from .base import POSITIONS, QUERIES, DropStage, Method, check_layer, early_layer_for_budget
+from .base import POSITIONS, QUERIES, Method, check_layer, early_layer_for_budget
+from .select import keep_top_visual
 
 
 @register_method("fastv")
@@ -46,7 +48,7 @@ class FastV(Method):
     query: str = "last"
     positions: str = "auto"
 
-    needs_scores = True
+    needs = ("scores",)
     reference_positions = "original"
 
     def __post_init__(self):
@@ -77,8 +79,23 @@ class FastV(Method):
             return min(self.keep_tokens, n_visual)
         return int(n_visual * self.keep_ratio)
 
-    def drop_stages(self, num_layers: int) -> list[DropStage]:
-        return [DropStage(layer=self.layer, score_layer=self.layer - 1, keep=self.keep_count)]
+    def plan(self, adapter) -> list[Step]:
+        compact = self.resolved_positions(adapter.supports_compact_positions) == "compact"
+
+        def rank(ctx):  # layer K-1's attention, on its own input
+            return ctx.to_tokens(ctx.attention(self.query))
+
+        def drop(ctx):
+            return keep_top_visual(ctx, ctx.from_tokens(ctx.observed), self.keep_count, compact)
+
+        return [Step(self.layer, drop, observe=rank, observe_layer=self.layer - 1, name="FastV")]
+
+    def visual_schedule(self, num_layers: int, images: list[int]) -> list[int]:
+        n = sum(images)
+        return [n] * self.layer + [min(self.keep_count(n), n)] * (num_layers - self.layer)
+
+    def scoring_layers(self, num_layers: int) -> list[int]:
+        return [self.layer - 1]
 
     @property
     def is_noop(self) -> bool:

@@ -3,9 +3,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..errors import ConfigError, is_int, show
+import torch
+
+from ..engine.edits import Merge
+from ..engine.plan import Step
+from ..errors import ConfigError, LeanVLMError, is_int, show
 from ..registry import register_method
-from .base import MergeStage, Method, check_layer, early_layer_for_budget
+from .base import Method, check_layer, early_layer_for_budget
 
 POOLS = ("1d", "2d")
 MERGE_POSITIONS = ("mean", "first")
@@ -51,7 +55,7 @@ class VisualContextCompression(Method):
     pool: str = "1d"
     merge_position: str = "mean"
 
-    needs_scores = False
+    needs = ("image_ids",)
 
     def __post_init__(self):
         if not is_int(self.layer) or self.layer < 1:
@@ -85,8 +89,58 @@ class VisualContextCompression(Method):
     def check_model(self, num_layers: int) -> None:
         check_layer("VisualContextCompression", "layer", self.layer, num_layers)
 
-    def drop_stages(self, num_layers: int) -> list[MergeStage]:
-        return [MergeStage(self.layer, self.stride, self.pool, self.merge_position)]
+    def plan(self, adapter) -> list[Step]:
+        grid = adapter.fixed_grid if self.pool == "2d" else None
+        return [Step(self.layer, lambda ctx: Merge(self.groups(ctx, grid), self.merge_position), name="pool")]
+
+    def groups(self, ctx, grid) -> torch.Tensor:
+        """[B, n]: for each slot, the slot that leads its group (itself for tokens that are not merged).
+
+        Groups never cross images (the adapter says which image each visual token belongs to; two images
+        back to back are two images): "1d" groups ``stride`` consecutive tokens of an image, "2d" square
+        blocks of the image's grid. The last prompt token is never merged: generation continues from it,
+        even when the prompt ends with an image."""
+        s = ctx.state
+        b, n = s.orig.shape
+        leader = s.slots.clone()
+        last = ctx.last_prompt_slot()[:, 0].tolist()
+        image = ctx.image_ids().tolist()
+        side = math.isqrt(self.stride)
+        for bi in range(b):
+            members: dict[int, list[int]] = {}
+            for j, img in enumerate(image[bi]):
+                if img >= 0:
+                    members.setdefault(img, []).append(j)
+            for img, idx in members.items():
+                length = len(idx)
+                if grid is None:
+                    stride = min(self.stride, length)
+                    offsets = [k // stride * stride for k in range(length)]
+                else:
+                    rows, cols = grid
+                    if rows * cols != length:
+                        raise LeanVLMError(
+                            f"2-D pooling: image {img} has {length} visual tokens, which does not match its "
+                            f"{rows}x{cols} grid"
+                        )
+                    offsets = [
+                        (k // cols) // side * side * cols + (k % cols) // side * side for k in range(length)
+                    ]
+                for k, o in zip(idx, offsets, strict=True):
+                    leader[bi, k] = idx[o]
+            if last[bi] >= 0 and image[bi][last[bi]] >= 0:
+                # the last prompt token is visual: it stays on its own; its group is led by the next member
+                group = (leader[bi] == leader[bi, last[bi]]).nonzero()[:, 0]
+                rest = group[group != last[bi]]
+                if len(rest):
+                    leader[bi, rest] = rest[0]
+                leader[bi, last[bi]] = last[bi]
+        return leader
+
+    def visual_schedule(self, num_layers: int, images: list[int]) -> list[int]:
+        n = sum(images)
+        pooled = sum(-(-r // self.stride) for r in images)  # 1-D; 2-D blocks tile the grid alike
+        return [n] * self.layer + [pooled] * (num_layers - self.layer)
 
     @property
     def is_noop(self) -> bool:

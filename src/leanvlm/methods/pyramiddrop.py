@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from itertools import pairwise
 
+from ..engine.plan import Step
 from ..errors import ConfigError, check_range, is_int, show
 from ..registry import register_method
-from .base import POSITIONS, QUERIES, DropStage, Method, check_layer
+from .base import POSITIONS, QUERIES, Method, check_layer
+from .select import keep_top_visual
 
 
 @register_method("pyramiddrop")
@@ -44,7 +47,7 @@ class PyramidDrop(Method):
     query: str = "last"
     positions: str = "auto"
 
-    needs_scores = True
+    needs = ("scores",)
     reference_positions = "compact"
 
     def __post_init__(self):
@@ -118,11 +121,32 @@ class PyramidDrop(Method):
         for i, layer in enumerate(self.layers):
             check_layer("PyramidDrop", f"layers[{i}]", layer, num_layers)
 
-    def drop_stages(self, num_layers: int) -> list[DropStage]:
+    def keep_count(self, stage: int, n_visual: int) -> int:
+        """Visual tokens kept from stage ``stage`` on (of ``n_visual`` in the input)."""
+        return int(n_visual * self.keep_ratios[stage])
+
+    def plan(self, adapter) -> list[Step]:
+        compact = self.resolved_positions(adapter.supports_compact_positions) == "compact"
+
+        def drop(ctx, stage: int):  # rank on the stage's first layer's own input, then drop
+            keep = functools.partial(self.keep_count, stage)
+            return keep_top_visual(ctx, ctx.attention(self.query), keep, compact)
+
         return [
-            DropStage(layer=layer, score_layer=layer, keep=lambda n, r=ratio: int(n * r))
-            for layer, ratio in zip(self.layers, self.keep_ratios, strict=True)
+            Step(layer, functools.partial(drop, stage=i), name=f"PyramidDrop stage {i + 1}")
+            for i, layer in enumerate(self.layers)
         ]
+
+    def visual_schedule(self, num_layers: int, images: list[int]) -> list[int]:
+        n = sum(images)
+        out, current = [n] * num_layers, n
+        for i, layer in enumerate(self.layers):
+            current = min(self.keep_count(i, n), current)
+            out[layer:] = [current] * (num_layers - layer)
+        return out
+
+    def scoring_layers(self, num_layers: int) -> list[int]:
+        return list(self.layers)
 
     @property
     def is_noop(self) -> bool:

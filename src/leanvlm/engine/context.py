@@ -1,0 +1,115 @@
+"""What a method sees at a step: the hidden states, the token state, and lazily computed facts about
+the call (which slot ends the prompt, which image a visual slot belongs to, attention from query rows)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..ops import attention_to_keys, build_bool_mask, compact_indices, mean_query_scores
+from .state import INSERTED, TokenState
+from .trace import ScoreRecord
+
+
+class Context:
+    """One step's view. ``hidden`` [B, n, D] and ``state`` are the input of decoder layer ``layer``
+    (layer 0 at the input stage: the embeddings, image features merged in). ``observed`` is what the
+    step's ``observe`` returned at an earlier layer (None without one)."""
+
+    def __init__(self, engine, call, layer: int, hidden: torch.Tensor, state: TokenState, observed=None):
+        self._engine, self._call = engine, call
+        self.adapter = engine.adapter
+        self.layer = layer
+        self.hidden = hidden
+        self.state = state
+        self.observed = observed
+
+    @property
+    def decoding(self) -> bool:
+        """A forward that extends a cache (``state`` is None: the new tokens are all the layer sees)."""
+        return self.state is None
+
+    def to_tokens(self, values: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """[B, n] per-slot values -> [B, N] per input token (inserted slots left out), so that a value
+        observed at one layer can be read at a later one whose slots differ (:meth:`from_tokens`)."""
+        s = self.state
+        n = self._call.n_input
+        out = torch.full((s.orig.shape[0], n + 1), fill, dtype=values.dtype, device=values.device)
+        index = torch.where(s.valid & (s.kind != INSERTED), s.orig, n)  # the rest lands in a spare column
+        return out.scatter_(1, index, values)[:, :n]
+
+    def from_tokens(self, values: torch.Tensor) -> torch.Tensor:
+        """[B, N] per input token -> [B, n] per slot of this step."""
+        return values.gather(1, self.state.orig)
+
+    # --- facts about the call --------------------------------------------------------------------------
+    @property
+    def prompt_len(self) -> int:
+        """Tokens of the call that are prompt (original coordinates); later ones are drafts or answers."""
+        return self._call.prompt_len
+
+    @property
+    def visual_counts(self) -> list[int]:
+        """Per sample: visual tokens in the call's input (before any edit)."""
+        return self._call.visual_counts
+
+    @property
+    def training(self) -> bool:
+        """The call has labels: query rows are the tokens before the answer spans."""
+        return self._call.query_rows is not None
+
+    @property
+    def has_query(self) -> torch.Tensor:
+        """[B] whether a sample has a query row (always in inference; in training: an answer span)."""
+        if self._call.query_rows is None:
+            return torch.ones(self.state.orig.shape[0], dtype=torch.bool, device=self.state.orig.device)
+        return self._call.query_rows.any(-1)
+
+    @property
+    def in_prompt(self) -> torch.Tensor:
+        """[B, n] real slots that belong to the prompt."""
+        s = self.state
+        return s.valid & (s.orig < self._call.prompt_len)
+
+    def last_prompt_slot(self) -> torch.Tensor:
+        """[B, 1] the slot of the last prompt token (-1 for a row of padding only): what generation
+        continues from."""
+        return torch.where(self.in_prompt, self.state.slots, -1).max(-1, keepdim=True).values
+
+    def image_ids(self) -> torch.Tensor:
+        """[B, n] which image (per sample, from 0) each visual slot belongs to; -1 elsewhere. Two images
+        back to back are two images (the adapter counts each image's tokens)."""
+        call = self._call
+        if call.image_ids is None:
+            ids = self.adapter.image_ids(call.placeholders, call.vision_inputs)
+            call.image_ids = ids.masked_fill(~call.valid, -1)
+        s = self.state
+        return call.image_ids.gather(1, s.orig).masked_fill(~s.visual, -1)
+
+    # --- attention from query rows --------------------------------------------------------------------
+    def query_slots(self, query: str = "last") -> tuple[torch.Tensor, torch.Tensor]:
+        """(slots [B, Q], weight [B, Q]) of the query rows: the last prompt token ("last"), the prompt's
+        text tokens ("text"), or in training the token before each answer span (either setting)."""
+        s = self.state
+        if self._call.query_rows is not None:
+            return compact_indices(self._call.query_rows.gather(1, s.orig) & s.valid & (s.kind != INSERTED))
+        if query == "last":
+            last = self.last_prompt_slot()
+            return last.clamp_min(0), last >= 0  # a row of padding only has no query
+        return compact_indices(self.in_prompt & ~s.visual & (s.kind != INSERTED))
+
+    def attention(self, query: str = "last") -> torch.Tensor:
+        """[B, n] the attention each slot receives from the query rows at this layer, recomputed from the
+        layer's own norm, q/k projections and RoPE (any attention kernel), averaged over heads and rows."""
+        s = self.state
+        slots, weight = self.query_slots(query)
+        if slots.shape[1] == 0:  # no sample has a query row: no ranking
+            return torch.zeros(s.orig.shape, device=self.hidden.device)
+        if s.cos is None:
+            raise ValueError("attention scores need a decoder layer's input (not the input stage)")
+        with torch.no_grad():
+            q, k, scaling = self.adapter.query_key(self.layer, self.hidden.detach(), s.cos, s.sin, slots)
+            visible = build_bool_mask(s.order.gather(1, slots), s.order, s.valid)[:, 0]  # [B, Q, n]
+            probs = attention_to_keys(q, k, visible, scaling)
+        if not self._call.recompute:
+            self._engine.trace.scoring.append(ScoreRecord(self.layer, s.valid.sum(-1), weight.sum(-1)))
+        return mean_query_scores(probs, weight)

@@ -1,0 +1,83 @@
+"""What a method hands the engine: a plan of steps, each at one place of the model.
+
+* :class:`Step`: at the input of decoder layer ``layer`` (0: the LLM's input, i.e. the embeddings with
+  the image features merged in, before any layer), call ``edit(ctx)``, which returns a generic edit
+  (:mod:`leanvlm.engine.edits`) or None. A step may first observe an earlier layer: ``observe(ctx)``
+  runs at the input of ``observe_layer`` (e.g. FastV scores at layer K-1 and drops at K) and its result
+  reaches ``edit`` as ``ctx.observed``.
+* :class:`Replace`: decoder layers ``start .. end-1`` are computed by ``run(ctx, layer_idx, layer, hidden,
+  call_layer)`` instead of by their own forward, in prefills where the runner is active; ``call_layer
+  (hidden, **changes)`` runs the stock layer (with changed keyword arguments) and returns its hidden
+  states. The runner returns the layer's output hidden states.
+
+The engine validates a plan when the method is applied (layers in range, no two Replace over one
+layer); a step at layer 0 makes the method act before the LLM, which shortens every layer's cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..errors import ConfigError, IncompatibleMethodsError
+
+
+@dataclass(frozen=True)
+class Step:
+    layer: int
+    edit: Callable
+    observe: Callable | None = None
+    observe_layer: int | None = None
+    #: the slot state this step leaves is a stage of the KV cache (its layers cache fewer entries)
+    name: str = ""
+
+    @property
+    def first_layer(self) -> int:
+        return self.layer if self.observe_layer is None else min(self.layer, self.observe_layer)
+
+
+@dataclass(frozen=True)
+class Replace:
+    start: int
+    end: int
+    run: Callable
+    name: str = ""
+
+
+def check_plan(owner: str, plan: list, num_layers: int) -> None:
+    """Refuse a plan the engine cannot install, naming the step."""
+    for item in plan:
+        if isinstance(item, Step):
+            if not 0 <= item.layer < num_layers:
+                raise ConfigError(f"{owner}: a step at layer {item.layer} is outside [0, {num_layers - 1}]")
+            if item.observe is not None:
+                if item.observe_layer is None or not 0 <= item.observe_layer <= item.layer:
+                    raise ConfigError(
+                        f"{owner}: a step at layer {item.layer} observes layer {item.observe_layer}; it must be "
+                        f"in [0, {item.layer}]"
+                    )
+                if item.observe_layer == 0 and item.layer == 0:
+                    raise ConfigError(f"{owner}: an input-stage step can not observe a decoder layer")
+        elif isinstance(item, Replace):
+            if not 1 <= item.start < item.end <= num_layers:
+                raise ConfigError(
+                    f"{owner}: Replace({item.start}, {item.end}) must satisfy 1 <= start < end <= {num_layers}"
+                )
+        else:
+            raise ConfigError(
+                f"{owner}: plan() returned {type(item).__name__}; expected Step or Replace items"
+            )
+
+
+def check_runners(plans: dict[str, list]) -> None:
+    """Two methods can not both replace one layer."""
+    owner_of: dict[int, str] = {}
+    for owner, plan in plans.items():
+        for item in plan:
+            if isinstance(item, Replace):
+                for i in range(item.start, item.end):
+                    if i in owner_of:
+                        raise IncompatibleMethodsError(
+                            f"{owner_of[i]} and {owner} both replace decoder layer {i}"
+                        )
+                    owner_of[i] = owner
