@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from models import ADAPTERS, PROMPTS, build, make_inputs, visual_counts
+from plugin_methods import EveryOtherFeature, FrozenVisual, InsertSummary
 
 import leanvlm as lv
 from leanvlm import compat
@@ -21,12 +22,21 @@ METHODS = {
     ),
     "vcc": lv.VisualContextCompression(layer=2, stride=4),
     "vcc-2d-first": lv.VisualContextCompression(layer=1, stride=4, pool="2d", merge_position="first"),
+    # test-only methods (tests/plugin_methods.py), one of each kind the engine hosts
+    "insert": InsertSummary(layer=2, count=2),
+    "input": EveryOtherFeature(step=2),
+    "input-compact": EveryOtherFeature(step=3, positions="compact"),
+    "runner": FrozenVisual(start=2, end=4),
 }
 NOOPS = {
     "fastv": lv.FastV(layer=2, keep_ratio=1.0),
     "pdrop": lv.PyramidDrop(layers=(1, 2, 3), keep_ratios=(1.0, 1.0, 1.0)),
     "vcc": lv.VisualContextCompression(layer=2, stride=1),
+    "insert": InsertSummary(count=0),
+    "input": EveryOtherFeature(step=1),
+    "runner": FrozenVisual(start=2, end=2),
 }
+DROPPING = (lv.FastV, lv.PyramidDrop, EveryOtherFeature)  # checked against the masking oracle
 
 matrix = pytest.mark.parametrize("adapter", ADAPTERS)
 methods = pytest.mark.parametrize("method", list(METHODS.values()), ids=list(METHODS))
@@ -221,8 +231,10 @@ def masking_oracle(model, inputs, trace, method):
 @matrix
 @methods
 def test_gather_equals_masking_oracle(adapter, method):
-    if not method.needs_scores:
-        pytest.skip("merging is not dropping: its own tests check the pooled states (test_llavolta.py)")
+    if not isinstance(method, DROPPING):
+        pytest.skip(
+            "not a drop: merging is checked in test_llavolta.py, inserting / runners in test_engine_plans.py"
+        )
     model, proc = build(adapter, "eager", num_layers=NUM_LAYERS)
     inputs = make_inputs(proc, PROMPTS)
     with lv.apply(model, method) as applied:
@@ -246,9 +258,10 @@ def test_trace_counts_follow_schedule(adapter, method):
     runs = image_runs(model, inputs)
     for b, n_vis in enumerate(visual_counts(model, inputs)):
         expected = method.visual_schedule(NUM_LAYERS, runs[b])  # what the FLOPs formula assumes
-        assert expected[0] == n_vis == sum(runs[b])
+        extra = method.extra_tokens(NUM_LAYERS, runs[b])
+        assert n_vis == sum(runs[b])
         assert trace.visual_per_layer[b] == expected
-        assert trace.tokens_per_layer[b] == [lengths[b] - n_vis + v for v in expected]
+        assert trace.tokens_per_layer[b] == [lengths[b] - n_vis + v + e for v, e in zip(expected, extra)]
 
 
 @pytest.mark.parametrize(

@@ -321,7 +321,10 @@ def schedule_counts(method, num_layers: int, n_visual: int, n_text: int) -> tupl
     if method is None or method.is_noop:
         visual, extra = [n_visual] * num_layers, [0] * num_layers
     else:
-        visual, extra = method.visual_schedule(num_layers, [n_visual]), method.extra_tokens(num_layers)
+        visual, extra = (
+            method.visual_schedule(num_layers, [n_visual]),
+            method.extra_tokens(num_layers, [n_visual]),
+        )
     return [n_text + v + e for v, e in zip(visual, extra, strict=True)], visual
 
 

@@ -49,7 +49,8 @@ class Context:
 
     @property
     def visual_counts(self) -> list[int]:
-        """Per sample: visual tokens in the call's input (before any edit)."""
+        """Per sample: visual tokens that entered the LLM (the input's, less what input-stage edits
+        removed): what a budget such as ``keep_ratio`` is a share of."""
         return self._call.visual_counts
 
     @property

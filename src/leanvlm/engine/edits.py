@@ -46,8 +46,8 @@ class Merge:
 @dataclass(frozen=True)
 class Insert:
     """New tokens: ``hidden`` [B, k, D] placed after the slots ``after`` [B, k] (-1: in front of the
-    sequence), in the given order; ``valid`` [B, k] False leaves a filler slot (a sample that inserts
-    fewer). An inserted token takes the position id of the slot before it, and is not part of any
+    sequence; never after the last slot, where the output is read), in the given order; ``valid`` [B, k]
+    False leaves a filler slot in front (a sample that inserts fewer). An inserted token takes the position id of the slot before it, and is not part of any
     loss; it sees what that slot sees plus the tokens inserted before it, and every later token sees it."""
 
     hidden: torch.Tensor
@@ -148,6 +148,10 @@ def _insert(edit: Insert, hidden, s: TokenState):
     after = edit.after
     if bool(((after < -1) | (after >= n)).any()):
         raise LeanVLMError(f"Insert.after: slots must be in [-1, {n - 1}]")
+    if bool((valid_new & (after == n - 1)).any()):
+        # the last slot is where the model's output (the next-token logits) is read
+        raise LeanVLMError("Insert.after: a token can not be inserted after the last slot of the sequence")
+    after = torch.where(valid_new, after, -1)  # filler slots go in front, as everywhere
     if k >= ORDER_STEP:
         raise LeanVLMError(f"Insert: at most {ORDER_STEP - 1} tokens per step")
     # the combined sequence, sorted by (anchor slot, inserted after the anchor, rank among the inserted)

@@ -69,10 +69,10 @@ def check_plan(owner: str, plan: list, num_layers: int) -> None:
             )
 
 
-def check_runners(plans: dict[str, list]) -> None:
-    """Two methods can not both replace one layer."""
+def check_runners(plans: list[tuple[str, list]]) -> None:
+    """Two methods can not both replace one layer. ``plans``: (method description, plan) pairs."""
     owner_of: dict[int, str] = {}
-    for owner, plan in plans.items():
+    for owner, plan in plans:
         for item in plan:
             if isinstance(item, Replace):
                 for i in range(item.start, item.end):

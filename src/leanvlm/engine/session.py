@@ -96,13 +96,11 @@ class Engine:
         self.adapter = adapter
         self.methods = tuple(methods)
         n_layers = adapter.num_layers
-        plans = {}
-        for m in self.methods:
-            if not m.is_noop:
-                plans[m.describe()] = list(m.plan(adapter))
-                check_plan(type(m).__name__, plans[m.describe()], n_layers)
+        plans = [(m.describe(), list(m.plan(adapter))) for m in self.methods if not m.is_noop]
+        for (owner, plan), m in zip(plans, (m for m in self.methods if not m.is_noop), strict=True):
+            check_plan(type(m).__name__, plan, n_layers)
         check_runners(plans)
-        items = [item for plan in plans.values() for item in plan]
+        items = [item for _, plan in plans for item in plan]
         steps = sorted((s for s in items if isinstance(s, Step)), key=lambda s: s.layer)
         self.steps = steps
         self.edits_at: dict[int, list[int]] = {}
@@ -415,6 +413,7 @@ class Engine:
         if not call.edited:
             return None
         s = call.state
+        call.visual_counts = s.visual.sum(-1).tolist()  # what entered the LLM is what later steps budget
         mask = kwargs.get("attention_mask")
         if compat.mask_kind(mask) not in ("none", "padding"):
             raise UnsupportedModelError(

@@ -94,7 +94,7 @@ class Method:
         """The layers whose input an attention ranking is computed on (FLOPs of the ranking)."""
         return []
 
-    def extra_tokens(self, num_layers: int) -> list[int]:
+    def extra_tokens(self, num_layers: int, images: list[int]) -> list[int]:
         """Tokens each layer processes beyond the input's text and visual ones (inserted tokens)."""
         return [0] * num_layers
 

@@ -1,0 +1,172 @@
+"""The engine hosts methods it does not know: inserted tokens and layer runners against oracles written
+without the engine, composition by stage, and the refusals of what it cannot install."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from models import PROMPTS, build, make_inputs
+from plugin_methods import EveryOtherFeature, FrozenVisual, InsertSummary
+from test_invariants import METHODS, NOOPS
+
+import leanvlm as lv
+from leanvlm.engine import Insert, Keep, Step
+from leanvlm.engine.edits import apply_edit
+from leanvlm.engine.state import TokenState
+from leanvlm.methods.base import Method
+
+
+def _logits(model, inputs, **kw):
+    with torch.no_grad():
+        return model(**inputs, **kw).logits[:, -1].float()
+
+
+def test_every_registered_method_has_rows_in_the_matrix():
+    for name, cls in lv.METHODS.items():
+        assert any(type(m) is cls for m in METHODS.values()), f"{name} has no row in the invariant matrix"
+        assert any(type(m) is cls for m in NOOPS.values()), f"{name} has no no-op row"
+
+
+def test_inserted_tokens_equal_running_the_later_layers_on_the_longer_sequence():
+    """Oracle: hidden states entering layer L from the unmodified model, the summary rows inserted by hand,
+    layers L.. run directly with a causal mask and the anchor's position, then the model's norm and head."""
+    model, proc = build("llava", "eager", num_layers=5)
+    inputs = make_inputs(proc, PROMPTS[:1])
+    method = InsertSummary(layer=2, count=2)
+    with lv.apply(model, method) as applied:
+        got = _logits(model, inputs)
+        assert applied.trace.tokens_per_layer[0][2] == applied.trace.tokens_per_layer[0][1] + 2
+    lm = model.model.language_model
+    visual = lv.registry.find_adapter(model).visual_mask(inputs["input_ids"], None)[0]
+    with torch.no_grad():
+        hidden = model(**inputs, output_hidden_states=True).hidden_states[2][0]  # input of layer 2
+        first = int(visual.nonzero()[0, 0])
+        mean = hidden[visual].mean(0)
+        rows = torch.stack([mean * 0.5, mean * 1.0])
+        h = torch.cat([hidden[:first], rows, hidden[first:]])[None]
+        n = h.shape[1]
+        pos = torch.arange(hidden.shape[0])
+        pos = torch.cat([pos[:first], pos[first - 1 : first].repeat(2), pos[first:]])[None]
+        rope = lm.rotary_emb(h, pos)
+        causal = torch.full((n, n), torch.finfo(h.dtype).min).triu(1)[None, None]
+        for layer in lm.layers[2:]:
+            h = layer(h, attention_mask=causal, position_ids=pos, position_embeddings=rope)
+            h = h[0] if isinstance(h, tuple) else h
+        expected = model.lm_head(lm.norm(h))[:, -1].float()
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(got, _logits(model, inputs), atol=1e-3)
+
+
+def test_runner_equals_hooks_that_keep_visual_states():
+    """Oracle: forward hooks on the stock layers put the visual tokens' input states back."""
+    model, proc = build("llava", "sdpa", num_layers=5)
+    inputs = make_inputs(proc, PROMPTS)
+    visual = lv.registry.find_adapter(model).visual_mask(inputs["input_ids"], None)
+    with lv.apply(model, FrozenVisual(start=2, end=4)):
+        got = _logits(model, inputs)
+    layers = model.model.language_model.layers
+
+    def keep_visual(module, args, kwargs, output):
+        h_in = args[0] if args else kwargs["hidden_states"]
+        return torch.where(visual[..., None], h_in, output)
+
+    handles = [layer.register_forward_hook(keep_visual, with_kwargs=True) for layer in layers[2:4]]
+    try:
+        expected = _logits(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(got, _logits(model, inputs), atol=1e-3)
+    assert all("forward" not in vars(layer) for layer in layers)  # remove() gave the layers back
+
+
+@pytest.mark.parametrize("adapter", ["llava", "qwen2-vl"])
+def test_input_stage_then_in_llm_method_compose(adapter):
+    model, proc = build(adapter, num_layers=5)
+    inputs = make_inputs(proc, PROMPTS[:2])
+    fastv = lv.FastV(layer=2, keep_ratio=0.5)
+    every = EveryOtherFeature(step=2)
+    gen = dict(max_new_tokens=5, do_sample=False)
+    with lv.apply(model, fastv, every) as applied:  # given in any order, run in stage order
+        assert [type(m) for m in applied.engine.methods] == [EveryOtherFeature, lv.FastV]
+        cached = model.generate(**inputs, **gen)
+        uncached = model.generate(**inputs, **gen, use_cache=False)
+        model(**inputs)
+        visual = applied.trace.visual_per_layer
+        stages = applied.trace.stages
+    assert torch.equal(cached, uncached)
+    n = int(stages[0].visual[1].sum())
+    entered = -(-n // 2)
+    assert visual[1] == [entered, entered] + [fastv.keep_count(entered)] * 3  # FastV's budget: what entered
+
+
+def test_apply_refuses_what_the_engine_cannot_install():
+    model, _ = build("llava")
+
+    @dataclass(frozen=True)
+    class InTheTower(Method):
+        stage = "vision"
+        is_noop = False
+
+    @dataclass(frozen=True)
+    class NeedsGradients(Method):
+        needs = ("token_gradients",)
+        is_noop = False
+
+    with pytest.raises(
+        lv.UnsupportedModelError, match="InTheTower acts at stage 'vision'.*installable stages: input, llm"
+    ):
+        lv.apply(model, InTheTower())
+    with pytest.raises(
+        lv.UnsupportedModelError, match="NeedsGradients needs 'token_gradients'.*provides: scores"
+    ):
+        lv.apply(model, NeedsGradients())
+    with pytest.raises(
+        lv.IncompatibleMethodsError,
+        match="at most one input-stage method.*EveryOtherFeature, EveryOtherFeature",
+    ):
+        lv.apply(model, EveryOtherFeature(), EveryOtherFeature(step=3))
+    with pytest.raises(
+        lv.IncompatibleMethodsError,
+        match=r"Composing\(start=2, end=4\) and Composing\(start=3, end=5\) both replace decoder layer 3",
+    ):
+        lv.apply(model, Composing(2, 4), Composing(3, 5))
+    assert lv.remove(model) is False  # nothing was installed by a refused call
+    with lv.apply(model, Composing(1, 2), Composing(3, 4)) as applied:  # methods that compose share a stage
+        assert sorted(applied.engine.runners) == [1, 3]
+
+
+@dataclass(frozen=True)
+class Composing(FrozenVisual):
+    composes = True
+
+
+def test_plan_errors_name_the_method():
+    model, _ = build("llava", num_layers=5)
+
+    @dataclass(frozen=True)
+    class BadLayer(Method):
+        is_noop = False
+
+        def plan(self, adapter):
+            return [Step(7, lambda ctx: None)]
+
+    with pytest.raises(lv.ConfigError, match="BadLayer: a step at layer 7 is outside \\[0, 4\\]"):
+        lv.apply(model, BadLayer())
+
+
+def test_edits_check_their_tensors():
+    valid = torch.ones(1, 4, dtype=torch.bool)
+    s = TokenState.initial(valid, torch.tensor([[False, True, True, False]]), torch.arange(4)[None])
+    h = torch.randn(1, 4, 8)
+    with pytest.raises(lv.LeanVLMError, match="Keep.keep: got a torch.int64 tensor"):
+        apply_edit(Keep(torch.ones(1, 4, dtype=torch.long)), h, s, None)
+    with pytest.raises(lv.LeanVLMError, match="after the last slot"):
+        apply_edit(Insert(torch.randn(1, 1, 8), torch.tensor([[3]])), h, s, None)
+    h2, s2, changed = apply_edit(Insert(torch.randn(1, 2, 8), torch.tensor([[0, 0]])), h, s, None)
+    assert changed and h2.shape == (1, 6, 8)
+    assert s2.kind.tolist() == [[0, 3, 3, 1, 1, 0]] and s2.orig.tolist() == [[0, 0, 0, 1, 2, 3]]
+    assert s2.order.tolist()[0] == sorted(s2.order.tolist()[0])  # causal order follows the slots
