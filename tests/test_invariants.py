@@ -261,7 +261,9 @@ def test_trace_counts_follow_schedule(adapter, method):
         extra = method.extra_tokens(NUM_LAYERS, runs[b])
         assert n_vis == sum(runs[b])
         assert trace.visual_per_layer[b] == expected
-        assert trace.tokens_per_layer[b] == [lengths[b] - n_vis + v + e for v, e in zip(expected, extra)]
+        assert trace.tokens_per_layer[b] == [
+            lengths[b] - n_vis + v + e for v, e in zip(expected, extra, strict=True)
+        ]
 
 
 @pytest.mark.parametrize(

@@ -96,9 +96,11 @@ class Engine:
         self.adapter = adapter
         self.methods = tuple(methods)
         n_layers = adapter.num_layers
-        plans = [(m.describe(), list(m.plan(adapter))) for m in self.methods if not m.is_noop]
-        for (owner, plan), m in zip(plans, (m for m in self.methods if not m.is_noop), strict=True):
-            check_plan(type(m).__name__, plan, n_layers)
+        plans = []
+        for m in self.methods:
+            if not m.is_noop:
+                plans.append((m.describe(), list(m.plan(adapter))))
+                check_plan(type(m).__name__, plans[-1][1], n_layers)
         check_runners(plans)
         items = [item for _, plan in plans for item in plan]
         steps = sorted((s for s in items if isinstance(s, Step)), key=lambda s: s.layer)
