@@ -157,6 +157,24 @@ def test_plan_errors_name_the_method():
     with pytest.raises(lv.ConfigError, match="BadLayer: a step at layer 7 is outside \\[0, 4\\]"):
         lv.apply(model, BadLayer())
 
+    @dataclass(frozen=True)
+    class Quiet(BadLayer):
+        changes_length = False
+
+        def plan(self, adapter):
+            return [Step(2, lambda ctx: None)]
+
+    with pytest.raises(lv.ConfigError, match="Quiet declares changes_length=False but its plan edits"):
+        lv.apply(model, Quiet())
+
+    @dataclass(frozen=True)
+    class Trains(BadLayer):
+        trainable = True
+
+    with pytest.raises(lv.UnsupportedModelError, match="Trains has trainable parts"):
+        lv.apply(model, Trains())
+    assert lv.remove(model) is False
+
 
 def test_edits_check_their_tensors():
     valid = torch.ones(1, 4, dtype=torch.bool)

@@ -125,6 +125,10 @@ def compose(methods) -> tuple[Method, ...]:
                 f"{name} acts at stage {m.stage!r}, which this version of leanvlm cannot install; "
                 f"installable stages: {', '.join(INSTALLABLE_STAGES)}"
             )
+        if m.trainable:
+            raise UnsupportedModelError(
+                f"{name} has trainable parts, which this version of leanvlm can not attach to a model yet"
+            )
         unknown = [need for need in m.needs if need not in NEEDS]
         if unknown:
             raise UnsupportedModelError(

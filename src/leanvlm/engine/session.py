@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import compat
-from ..errors import LeanVLMError, UnsupportedModelError
+from ..errors import ConfigError, LeanVLMError, UnsupportedModelError
 from .cache import check_cache, get_kv_record, set_kv_record
 from .context import Context
 from .edits import apply_edit
@@ -101,6 +101,10 @@ class Engine:
             if not m.is_noop:
                 plans.append((m.describe(), list(m.plan(adapter))))
                 check_plan(type(m).__name__, plans[-1][1], n_layers)
+                if not m.changes_length and any(isinstance(item, Step) for item in plans[-1][1]):
+                    raise ConfigError(
+                        f"{type(m).__name__} declares changes_length=False but its plan edits the token set"
+                    )
         check_runners(plans)
         items = [item for _, plan in plans for item in plan]
         steps = sorted((s for s in items if isinstance(s, Step)), key=lambda s: s.layer)

@@ -27,8 +27,10 @@ class Method:
         refuses a stage the engine cannot install.
       needs: what the engine must provide (``NEEDS``); ``apply`` refuses an unknown need.
       needs_scores: ranks tokens by attention (``"scores" in needs``).
-      changes_length: later layers see a different number of tokens (the cache holds stages).
-      trainable: adds parameters that must be trained.
+      changes_length: later layers see a different number of tokens (the cache holds stages); a plan
+        with steps from a method that declares False is refused.
+      trainable: adds parameters that must be trained; refused by ``apply`` until trainable parts can
+        be attached to a model.
       composes: may share its stage with another method (default: one method per stage).
     """
 
