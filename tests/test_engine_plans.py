@@ -188,3 +188,20 @@ def test_edits_check_their_tensors():
     assert changed and h2.shape == (1, 6, 8)
     assert s2.kind.tolist() == [[0, 3, 3, 1, 1, 0]] and s2.orig.tolist() == [[0, 0, 0, 1, 2, 3]]
     assert s2.order.tolist()[0] == sorted(s2.order.tolist()[0])  # causal order follows the slots
+
+
+def test_deep_copy_of_a_model_with_a_runner_is_applied_on_its_own():
+    import copy
+
+    model, proc = build("llava", num_layers=5)
+    inputs = make_inputs(proc, PROMPTS[:1])
+    method = FrozenVisual(start=2, end=4)
+    with lv.apply(model, method):
+        expected = _logits(model, inputs)
+        twin = copy.deepcopy(model)
+        torch.testing.assert_close(_logits(twin, inputs), expected)
+        assert lv.remove(twin) is True
+        assert all("forward" not in vars(layer) for layer in twin.model.language_model.layers)
+        assert "forward" in vars(model.model.language_model.layers[2])  # the original stays applied
+        torch.testing.assert_close(_logits(model, inputs), expected)
+    assert all("forward" not in vars(layer) for layer in model.model.language_model.layers)

@@ -187,6 +187,7 @@ class Engine:
         new.last_trace = None
         new.adapter = copy.deepcopy(self.adapter, memo)
         new._hooked = [(copy.deepcopy(m, memo), kind, hook_id) for m, kind, hook_id in self._hooked]
+        new._replaced = list(self._replaced)
         if self.on_copy is not None:
             self.on_copy(new)
         return new
