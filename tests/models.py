@@ -8,10 +8,12 @@ differ per prompt so that AnyRes / dynamic-resolution models get different visua
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import torch
 
+import leanvlm as lv
 from leanvlm.presets import build_preset, chat_prompt, demo_image
 from leanvlm.registry import find_adapter
 
@@ -42,6 +44,22 @@ def _build(adapter: str, attn: str, num_layers: int, image_size: int | None):
 
 def build(adapter: str, attn: str = "sdpa", num_layers: int = 5, image_size: int | None = None):
     return _build(adapter, attn, num_layers, image_size)
+
+
+@functools.cache
+def _prepared(method, adapter: str, attn: str, num_layers: int):
+    model, proc = _build(adapter, attn, num_layers, None)
+    model = copy.deepcopy(model)
+    torch.manual_seed(0)  # the same trainable modules on every copy (eager and sdpa ones alike)
+    lv.prepare(model, method)
+    return model, proc
+
+
+def build_for(method, adapter: str, attn: str = "sdpa", num_layers: int = 5):
+    """``build``, plus the method's trainable modules attached (on a copy) when it has any."""
+    if not method.trainable:
+        return build(adapter, attn, num_layers)
+    return _prepared(method, adapter, attn, num_layers)
 
 
 def image_for(text: str, j: int, size: int | None):

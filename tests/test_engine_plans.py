@@ -171,7 +171,9 @@ def test_plan_errors_name_the_method():
     class Trains(BadLayer):
         trainable = True
 
-    with pytest.raises(lv.UnsupportedModelError, match="Trains has trainable parts"):
+    with pytest.raises(
+        lv.ConfigError, match=r"Trains has trainable parts .* call lv.prepare\(model, method\) first"
+    ):
         lv.apply(model, Trains())
     assert lv.remove(model) is False
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import ADAPTERS, PROMPTS, build, make_inputs, visual_counts
+from models import ADAPTERS, PROMPTS, build, build_for, make_inputs, visual_counts
 from plugin_methods import EveryOtherFeature, FrozenVisual, InsertSummary
+from plugin_trainable import LearnedTokens
 
 import leanvlm as lv
 from leanvlm import compat
@@ -27,6 +28,7 @@ METHODS = {
     "input": EveryOtherFeature(step=2),
     "input-compact": EveryOtherFeature(step=3, positions="compact"),
     "runner": FrozenVisual(start=2, end=4),
+    "trainable": LearnedTokens(layer=1, count=2),
 }
 NOOPS = {
     "fastv": lv.FastV(layer=2, keep_ratio=1.0),
@@ -35,6 +37,7 @@ NOOPS = {
     "insert": InsertSummary(count=0),
     "input": EveryOtherFeature(step=1),
     "runner": FrozenVisual(start=2, end=2),
+    "trainable": LearnedTokens(count=0),
 }
 DROPPING = (lv.FastV, lv.PyramidDrop, EveryOtherFeature)  # checked against the masking oracle
 
@@ -85,7 +88,7 @@ def hooks_on(model) -> int:
 @matrix
 @pytest.mark.parametrize("noop", list(NOOPS.values()), ids=list(NOOPS))
 def test_noop_equals_baseline(adapter, noop):
-    model, proc = build(adapter, num_layers=NUM_LAYERS)
+    model, proc = build_for(noop, adapter, num_layers=NUM_LAYERS)
     inputs = make_inputs(proc, PROMPTS[:2])
     with torch.no_grad():
         base_logits = model(**inputs).logits
@@ -104,11 +107,11 @@ def test_noop_equals_baseline(adapter, noop):
 @matrix
 @methods
 def test_apply_remove_restores(adapter, method):
-    model, proc = build(adapter, num_layers=NUM_LAYERS)
+    model, proc = build_for(method, adapter, num_layers=NUM_LAYERS)
     inputs = make_inputs(proc, PROMPTS[:1])
     state = {k: v.clone() for k, v in model.state_dict().items()}
+    base = last_logits(model, inputs)  # first: transformers installs hooks of its own on a first forward
     hooks = hooks_on(model)
-    base = last_logits(model, inputs)
     applied = lv.apply(model, method)
     assert hooks_on(model) > hooks
     changed = last_logits(model, inputs)
@@ -127,7 +130,7 @@ def test_apply_remove_restores(adapter, method):
 @methods
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_cache_equals_no_cache(adapter, method, attn):
-    model, proc = build(adapter, attn, num_layers=NUM_LAYERS)
+    model, proc = build_for(method, adapter, attn, num_layers=NUM_LAYERS)
     inputs = make_inputs(proc, PROMPTS[:2])
     gen = dict(GEN, return_dict_in_generate=True, output_logits=True)
     with lv.apply(model, method):
@@ -143,7 +146,7 @@ def test_cache_equals_no_cache(adapter, method, attn):
 @matrix
 @methods
 def test_padded_batch_equals_single(adapter, method):
-    model, proc = build(adapter, num_layers=NUM_LAYERS)
+    model, proc = build_for(method, adapter, num_layers=NUM_LAYERS)
     batch = make_inputs(proc, PROMPTS)
     width = batch["input_ids"].shape[1]
     with lv.apply(model, method) as applied:
@@ -173,7 +176,7 @@ def test_padded_batch_equals_single(adapter, method):
 def test_eager_equals_sdpa(adapter, method):
     results = []
     for attn in ("eager", "sdpa"):
-        model, proc = build(adapter, attn, num_layers=NUM_LAYERS)
+        model, proc = build_for(method, adapter, attn, num_layers=NUM_LAYERS)
         inputs = make_inputs(proc, PROMPTS)
         with lv.apply(model, method) as applied:
             logits = last_logits(model, inputs)
@@ -235,7 +238,7 @@ def test_gather_equals_masking_oracle(adapter, method):
         pytest.skip(
             "not a drop: merging is checked in test_llavolta.py, inserting / runners in test_engine_plans.py"
         )
-    model, proc = build(adapter, "eager", num_layers=NUM_LAYERS)
+    model, proc = build_for(method, adapter, "eager", num_layers=NUM_LAYERS)
     inputs = make_inputs(proc, PROMPTS)
     with lv.apply(model, method) as applied:
         gathered = last_logits(model, inputs)
@@ -249,7 +252,7 @@ def test_gather_equals_masking_oracle(adapter, method):
 @matrix
 @methods
 def test_trace_counts_follow_schedule(adapter, method):
-    model, proc = build(adapter, num_layers=NUM_LAYERS)
+    model, proc = build_for(method, adapter, num_layers=NUM_LAYERS)
     inputs = make_inputs(proc, PROMPTS)
     with lv.apply(model, method) as applied:
         last_logits(model, inputs)
@@ -300,7 +303,7 @@ def test_trace_counts_llava15_shape(method, expected):
     ids=["fastv", "pdrop"],
 )
 def test_kept_tokens_are_top_attended(adapter, method):
-    model, proc = build(adapter, "eager", num_layers=NUM_LAYERS)
+    model, proc = build_for(method, adapter, "eager", num_layers=NUM_LAYERS)
     inputs = make_inputs(proc, PROMPTS[:1])
     with torch.no_grad():
         attentions = model(**inputs, output_attentions=True).attentions

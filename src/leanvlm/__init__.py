@@ -5,6 +5,7 @@ from .api import Applied, apply, last_report, remove
 from .errors import CompatError, ConfigError, IncompatibleMethodsError, LeanVLMError, UnsupportedModelError
 from .methods import FastV, Method, PyramidDrop, VisualContextCompression
 from .methods.spec import parse_method
+from .modules import load_modules, prepare, save_modules
 from .registry import METHODS
 from .train.schedule import StagedSchedule
 
@@ -25,6 +26,9 @@ __all__ = [
     "VisualContextCompression",
     "apply",
     "last_report",
+    "load_modules",
     "parse_method",
+    "prepare",
     "remove",
+    "save_modules",
 ]

@@ -12,6 +12,7 @@ from . import compat
 from .engine import Engine, Trace
 from .errors import ConfigError, IncompatibleMethodsError, LeanVLMError, UnsupportedModelError
 from .methods.base import INSTALLABLE_STAGES, NEEDS, STAGES, Method
+from .modules import modules_for
 from .registry import find_adapter
 
 SUPPORTED_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
@@ -104,6 +105,8 @@ def apply(model, *methods: Method) -> Applied:
     for m in ordered:
         m.check_model(adapter.num_layers)
         m.check_adapter(adapter)
+        if m.trainable and not m.is_noop:
+            modules_for(model, m)  # raises, naming lv.prepare, when the method's modules are not attached
     impl = adapter.attn_implementation
     if ordered and impl not in SUPPORTED_ATTENTION:
         raise UnsupportedModelError(
@@ -124,10 +127,6 @@ def compose(methods) -> tuple[Method, ...]:
             raise UnsupportedModelError(
                 f"{name} acts at stage {m.stage!r}, which this version of leanvlm cannot install; "
                 f"installable stages: {', '.join(INSTALLABLE_STAGES)}"
-            )
-        if m.trainable:
-            raise UnsupportedModelError(
-                f"{name} has trainable parts, which this version of leanvlm can not attach to a model yet"
             )
         unknown = [need for need in m.needs if need not in NEEDS]
         if unknown:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -46,6 +47,13 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--deepspeed", help="DeepSpeed config JSON (run under accelerate launch / deepspeed)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        metavar="MODULE",
+        help="import a Python module first (one that registers methods of its own); repeatable",
+    )
     p.add_argument("--no-progress", action="store_true")
     add_device_args(p)
 
@@ -58,7 +66,14 @@ def run(args) -> int:
     for key in ("batch_size", "grad_accum"):
         if getattr(args, key) < 1:
             raise ConfigError(f"--{key.replace('_', '-')}={getattr(args, key)} must be >= 1")
+    for module in args.imports or ():  # a user's module that registers methods of its own
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            raise ConfigError(f"--import {module}: {error}") from None
     summary = run_recipe(args)
+    if not summary.pop("main_process"):
+        return 0  # data-parallel training: the main process writes the summary
     path = Path(args.output_dir) / "train_summary.json"
     path.write_text(json.dumps(summary, indent=2) + "\n")
     last = summary["losses"][-1] if summary["losses"] else float("nan")

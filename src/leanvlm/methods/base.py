@@ -29,8 +29,8 @@ class Method:
       needs_scores: ranks tokens by attention (``"scores" in needs``).
       changes_length: later layers see a different number of tokens (the cache holds stages); a plan
         with steps from a method that declares False is refused.
-      trainable: adds parameters that must be trained; refused by ``apply`` until trainable parts can
-        be attached to a model.
+      trainable: has parameters of its own (``build_modules``), attached by ``lv.prepare`` before the
+        optimizer is built; ``apply`` refuses it on a model they were not attached to.
       composes: may share its stage with another method (default: one method per stage).
     """
 
@@ -82,6 +82,15 @@ class Method:
 
     def check_model(self, num_layers: int) -> None:
         """Checks that need the model (raise ConfigError); run by ``apply`` before anything is installed."""
+
+    def module_key(self) -> str:
+        """Where a trainable method's modules live on a model (``model.leanvlm_modules[key]``); settings
+        of one method share them (a schedule trains one set)."""
+        return type(self).__name__
+
+    def build_modules(self, adapter):
+        """A trainable method's fresh modules (an ``nn.Module``) for the model behind ``adapter``."""
+        raise NotImplementedError(f"{type(self).__name__} declares trainable=True but builds no modules")
 
     def plan(self, adapter) -> list:
         """The steps the engine runs (checked when applied); only called on a setting that is not a no-op."""

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..api import Applied, apply
 from ..errors import ConfigError
 from ..methods.base import Method
 from ..methods.spec import build_method
+from ..modules import prepare, save_modules
 from .schedule import StagedSchedule
 
 
@@ -42,6 +45,16 @@ class ReductionCallback(TrainerCallback, ExportableState):
         self.switches: list[tuple[int, int]] = []  # (global step, stage index) each time the stage changed
 
     # --- Trainer events ---------------------------------------------------------------------------------
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        # the Trainer builds its optimizer later, in train(): trainable parts attached now are trained
+        if model is not None:
+            prepare(_unwrap(model), *self.trainable_methods())
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if model is not None and state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            save_modules(_unwrap(model), folder)
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.schedule.check_model(_num_layers(model))
         self._activate(model, state)
@@ -58,6 +71,10 @@ class ReductionCallback(TrainerCallback, ExportableState):
             "args": {"schedule_spec": schedule_to_spec(self.schedule)},
             "attributes": {"stage_index": self.stage_index, "switches": self.switches},
         }
+
+    def trainable_methods(self) -> list[Method]:
+        """The schedule's methods that have modules of their own (``lv.prepare`` attaches them)."""
+        return [m for _, m in self.schedule.stages if m is not None and m.trainable]
 
     # --- internals ---------------------------------------------------------------------------------------
     def _activate(self, model, state) -> None:
@@ -83,6 +100,11 @@ def schedule_to_spec(schedule: StagedSchedule) -> list:
     for fraction, method in schedule.stages:
         if method is None:
             out.append([fraction, None, {}])
+        elif getattr(method, "name", None) is None:
+            raise ConfigError(
+                f"{type(method).__name__} is not registered: checkpoints store methods by name; register it "
+                "with leanvlm.registry.register_method(name)"
+            )
         else:
             fields = {f.name: getattr(method, f.name) for f in dataclasses.fields(method)}
             out.append(

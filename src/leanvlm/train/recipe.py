@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ import torch
 from .. import compat
 from ..errors import ConfigError
 from ..methods.spec import parse_method, split_top_level
+from ..modules import ATTR, load_modules, save_modules
 from .schedule import StagedSchedule
 
 
@@ -49,6 +51,27 @@ def load_weights(model, checkpoint: str):
     loaded = type(model).from_pretrained(checkpoint, dtype=next(model.parameters()).dtype)
     loaded.train()
     return loaded
+
+
+def trained_digest(model) -> str:
+    """sha256 of every trainable parameter (by name), to compare processes after data-parallel training."""
+    digest = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        if p.requires_grad:
+            digest.update(name.encode())
+            digest.update(p.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def gather(value) -> list:
+    """``value`` from every process (a one-item list outside distributed training)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
 
 
 def run(args) -> dict:
@@ -103,6 +126,9 @@ def run(args) -> dict:
         model = load_weights(model, resume)
         freeze(model, args.freeze)
     callback = ReductionCallback(reduction)
+    trainable = callback.trainable_methods()
+    if resume and trainable:
+        load_modules(model, resume, *trainable)  # the base weights' loader does not know them
     trainer = Trainer(
         model=model,
         args=training_args,
@@ -114,11 +140,23 @@ def run(args) -> dict:
         result = trainer.train(resume_from_checkpoint=resume or None)
     finally:
         callback._deactivate()  # also when training fails: leave the model without hooks
-    trainer.save_model(args.output_dir)
+    # the base checkpoint stays a plain transformers one; trainable parts are written beside it
+    registry = model._modules.pop(ATTR, None)
+    try:
+        trainer.save_model(args.output_dir)
+    finally:
+        if registry is not None:
+            model.add_module(ATTR, registry)
+    if trainer.is_world_process_zero():
+        save_modules(model, args.output_dir)
     if hasattr(processor, "save_pretrained"):
         processor.save_pretrained(args.output_dir)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {
+        "world_size": training_args.world_size,
+        # one digest of the trained weights per process: equal when data parallelism kept them in sync
+        "weights_digest": gather(trained_digest(model)),
+        "main_process": trainer.is_world_process_zero(),
         "model": label,
         "steps": trainer.state.global_step,
         "train_loss": result.training_loss,
