@@ -1,6 +1,7 @@
-"""Three test-only methods written the way a new method is written: a file of their own, nothing changed in
+"""Test-only methods written the way a new method is written: a file of their own, nothing changed in
 ``leanvlm.engine``. Each kind the engine hosts: tokens inserted at a layer, an edit of the image features
-before the LLM, and a range of layers replaced by a runner. They run through the invariant matrix."""
+before the LLM, a range of layers replaced by a runner, an edit inside the vision tower. They run through
+the invariant matrix."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from leanvlm.engine import Insert, Keep, Replace, Step
+from leanvlm.engine import Insert, Keep, Replace, Step, Vision
 from leanvlm.engine.state import VISUAL
 from leanvlm.errors import ConfigError
 from leanvlm.methods.base import Method, check_layer
@@ -109,6 +110,32 @@ class FrozenVisual(Method):
             return torch.where(ctx.state.visual[..., None], hidden, out)
 
         return [Replace(self.start, self.end, run)]
+
+    def visual_schedule(self, num_layers, images):
+        return [sum(images)] * num_layers
+
+
+@dataclass(frozen=True)
+class DampenVision(Method):
+    """Inside the vision tower: scale the input of encoder layer ``layer`` by ``factor``, and store the
+    mean norm it saw (``ctx.vision["norm"]`` for later steps)."""
+
+    layer: int = 0
+    factor: float = 0.5
+    stage = "vision"
+    needs = ("vision",)
+    changes_length = False
+
+    @property
+    def is_noop(self) -> bool:
+        return self.factor == 1.0
+
+    def plan(self, adapter):
+        def dampen(v):
+            v.store["norm"] = float(v.hidden.norm(dim=-1).mean())
+            return v.hidden * self.factor
+
+        return [Vision(self.layer, dampen)]
 
     def visual_schedule(self, num_layers, images):
         return [sum(images)] * num_layers

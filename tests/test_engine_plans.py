@@ -8,11 +8,11 @@ from dataclasses import dataclass
 import pytest
 import torch
 from models import PROMPTS, build, make_inputs
-from plugin_methods import EveryOtherFeature, FrozenVisual, InsertSummary
+from plugin_methods import DampenVision, EveryOtherFeature, FrozenVisual, InsertSummary
 from test_invariants import METHODS, NOOPS
 
 import leanvlm as lv
-from leanvlm.engine import Insert, Keep, Step
+from leanvlm.engine import Insert, Keep, Step, Vision
 from leanvlm.engine.edits import apply_edit
 from leanvlm.engine.state import TokenState
 from leanvlm.methods.base import Method
@@ -108,7 +108,7 @@ def test_apply_refuses_what_the_engine_cannot_install():
 
     @dataclass(frozen=True)
     class InTheTower(Method):
-        stage = "vision"
+        stage = "decode"
         is_noop = False
 
     @dataclass(frozen=True)
@@ -117,11 +117,13 @@ def test_apply_refuses_what_the_engine_cannot_install():
         is_noop = False
 
     with pytest.raises(
-        lv.UnsupportedModelError, match="InTheTower acts at stage 'vision'.*installable stages: input, llm"
+        lv.UnsupportedModelError,
+        match="InTheTower acts at stage 'decode'.*installable stages: vision, input, llm",
     ):
         lv.apply(model, InTheTower())
     with pytest.raises(
-        lv.UnsupportedModelError, match="NeedsGradients needs 'token_gradients'.*provides: scores"
+        lv.UnsupportedModelError,
+        match="NeedsGradients needs 'token_gradients'.*provides: scores, image_ids, vision",
     ):
         lv.apply(model, NeedsGradients())
     with pytest.raises(
@@ -207,3 +209,57 @@ def test_deep_copy_of_a_model_with_a_runner_is_applied_on_its_own():
         assert "forward" in vars(model.model.language_model.layers[2])  # the original stays applied
         torch.testing.assert_close(_logits(model, inputs), expected)
     assert all("forward" not in vars(layer) for layer in model.model.language_model.layers)
+
+
+@pytest.mark.parametrize("adapter", ["llava", "qwen2-vl"])
+def test_vision_step_equals_a_hook_on_the_stock_tower(adapter):
+    model, proc = build(adapter, num_layers=5)
+    inputs = make_inputs(proc, PROMPTS)
+    tower_layer = lv.registry.find_adapter(model).vision_layers[0]
+    with lv.apply(model, DampenVision(layer=0, factor=0.5)):
+        got = _logits(model, inputs)
+
+    def dampen(module, args, kwargs):
+        if args:
+            return (args[0] * 0.5, *args[1:]), kwargs
+        kwargs["hidden_states"] = kwargs["hidden_states"] * 0.5
+        return args, kwargs
+
+    handle = tower_layer.register_forward_pre_hook(dampen, with_kwargs=True)
+    try:
+        expected = _logits(model, inputs)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(got, _logits(model, inputs), atol=1e-3)
+
+
+def test_what_a_vision_step_stores_reaches_later_steps():
+    model, proc = build("qwen2.5-vl", num_layers=5)
+    inputs = make_inputs(proc, PROMPTS[:2])
+    seen = []
+
+    @dataclass(frozen=True)
+    class Observe(Method):
+        stage = "vision"
+        needs = ("vision",)
+        is_noop = False
+
+        def plan(self, adapter):
+            def count(v):
+                v.store["patches"] = v.store.get("patches", 0) + v.hidden.shape[0]
+
+            return [Vision(0, count), Step(2, lambda ctx: seen.append(dict(ctx.vision)))]
+
+    with lv.apply(model, Observe()):
+        _logits(model, inputs)
+    expected = int(inputs["image_grid_thw"].prod(-1).sum())  # every image's patches, before merging
+    assert seen == [{"patches": expected}]
+    with pytest.raises(lv.ConfigError, match="a vision step at layer 99 is outside"):
+
+        @dataclass(frozen=True)
+        class Deep(Observe):
+            def plan(self, adapter):
+                return [Vision(99, lambda v: None)]
+
+        lv.apply(model, Deep())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from models import ADAPTERS, PROMPTS, build, build_for, make_inputs, visual_counts
-from plugin_methods import EveryOtherFeature, FrozenVisual, InsertSummary
+from plugin_methods import DampenVision, EveryOtherFeature, FrozenVisual, InsertSummary
 from plugin_trainable import LearnedTokens
 
 import leanvlm as lv
@@ -29,6 +29,7 @@ METHODS = {
     "input-compact": EveryOtherFeature(step=3, positions="compact"),
     "runner": FrozenVisual(start=2, end=4),
     "trainable": LearnedTokens(layer=1, count=2),
+    "vision": DampenVision(layer=0, factor=0.5),
 }
 NOOPS = {
     "fastv": lv.FastV(layer=2, keep_ratio=1.0),
@@ -38,6 +39,7 @@ NOOPS = {
     "input": EveryOtherFeature(step=1),
     "runner": FrozenVisual(start=2, end=2),
     "trainable": LearnedTokens(count=0),
+    "vision": DampenVision(factor=1.0),
 }
 DROPPING = (lv.FastV, lv.PyramidDrop, EveryOtherFeature)  # checked against the masking oracle
 

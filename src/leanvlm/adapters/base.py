@@ -88,6 +88,19 @@ class Adapter:
         return self.text_model.layers
 
     @property
+    def vision_layers(self) -> nn.ModuleList:
+        """The vision tower's encoder layers, in order (CLIP-style towers: ``vision_tower.encoder.layers``)."""
+        tower = self.model.model.vision_tower
+        encoder = getattr(tower, "encoder", None) or getattr(
+            getattr(tower, "vision_model", None), "encoder", None
+        )
+        if encoder is None or not hasattr(encoder, "layers"):
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__}: no encoder layers found in its vision tower"
+            )
+        return encoder.layers
+
+    @property
     def text_config(self):
         return self.text_model.config
 

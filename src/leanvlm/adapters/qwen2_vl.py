@@ -20,6 +20,11 @@ class QwenVLAdapter(Adapter):
     falls back to 1-D positions.
     """
 
+    @property
+    def vision_layers(self):
+        """The vision transformer's blocks (patch sequences of all images, concatenated)."""
+        return self.model.model.visual.blocks
+
     name = "qwen2-vl"
     model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
     supports_compact_positions = False

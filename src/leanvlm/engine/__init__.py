@@ -1,8 +1,8 @@
 """Plumbing that runs methods' plans through a stock transformers forward (no method algorithm)."""
 
-from .context import Context
+from .context import Context, VisionContext
 from .edits import Insert, Keep, Merge
-from .plan import Replace, Step
+from .plan import Replace, Step, Vision
 from .session import Engine
 from .state import KVMap, TokenState
 from .trace import DecodeRecord, ScoreRecord, StageRecord, Trace
@@ -21,4 +21,6 @@ __all__ = [
     "Step",
     "TokenState",
     "Trace",
+    "Vision",
+    "VisionContext",
 ]

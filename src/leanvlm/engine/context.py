@@ -41,6 +41,11 @@ class Context:
         """[B, N] per input token -> [B, n] per slot of this step."""
         return values.gather(1, self.state.orig)
 
+    @property
+    def vision(self) -> dict:
+        """What this call's vision steps stored (``VisionContext.store``); empty without images."""
+        return self._call.vision
+
     # --- facts about the call --------------------------------------------------------------------------
     @property
     def prompt_len(self) -> int:
@@ -114,3 +119,15 @@ class Context:
         if not self._call.recompute:
             self._engine.trace.scoring.append(ScoreRecord(self.layer, s.valid.sum(-1), weight.sum(-1)))
         return mean_query_scores(probs, weight)
+
+
+class VisionContext:
+    """A vision step's view: ``hidden``, the input of vision encoder layer ``layer`` (CLIP-style towers:
+    [sequences, tokens, D], one sequence per image or crop; Qwen-VL: [patches, D], every image's patches
+    concatenated), and ``store``, a dict shared by the call's steps (read later as ``ctx.vision``)."""
+
+    def __init__(self, adapter, layer: int, hidden: torch.Tensor, store: dict):
+        self.adapter = adapter
+        self.layer = layer
+        self.hidden = hidden
+        self.store = store

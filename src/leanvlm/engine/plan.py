@@ -5,6 +5,7 @@
   (:mod:`leanvlm.engine.edits`) or None. A step may first observe an earlier layer: ``observe(ctx)``
   runs at the input of ``observe_layer`` (e.g. FastV scores at layer K-1 and drops at K) and its result
   reaches ``edit`` as ``ctx.observed``.
+* :class:`Vision`: at a vision-tower encoder layer's input, observe (or replace) its hidden states.
 * :class:`Replace`: decoder layers ``start .. end-1`` are computed by ``run(ctx, layer_idx, layer, hidden,
   call_layer)`` instead of by their own forward, in prefills where the runner is active; ``call_layer
   (hidden, **changes)`` runs the stock layer (with changed keyword arguments) and returns its hidden
@@ -37,6 +38,18 @@ class Step:
 
 
 @dataclass(frozen=True)
+class Vision:
+    """At the input of the vision tower's encoder layer ``layer``, call ``run(vctx)``
+    (:class:`leanvlm.engine.context.VisionContext`): it may return new hidden states of the same shape
+    (or None), and what it stores in ``vctx.store`` reaches the method's later steps as ``ctx.vision``.
+    The image features themselves are what the input stage (``Step(0, ...)``) sees at the visual slots."""
+
+    layer: int
+    run: Callable
+    name: str = ""
+
+
+@dataclass(frozen=True)
 class Replace:
     start: int
     end: int
@@ -44,9 +57,15 @@ class Replace:
     name: str = ""
 
 
-def check_plan(owner: str, plan: list, num_layers: int) -> None:
-    """Refuse a plan the engine cannot install, naming the step."""
+def check_plan(owner: str, plan: list, num_layers: int, num_vision_layers=None) -> None:
+    """Refuse a plan the engine cannot install, naming the step (``num_vision_layers``: a callable, asked
+    only when the plan has vision steps)."""
     for item in plan:
+        if isinstance(item, Vision):
+            n = num_vision_layers()
+            if not 0 <= item.layer < n:
+                raise ConfigError(f"{owner}: a vision step at layer {item.layer} is outside [0, {n - 1}]")
+            continue
         if isinstance(item, Step):
             if not 0 <= item.layer < num_layers:
                 raise ConfigError(f"{owner}: a step at layer {item.layer} is outside [0, {num_layers - 1}]")

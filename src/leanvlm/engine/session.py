@@ -28,11 +28,11 @@ import torch
 from .. import compat
 from ..errors import ConfigError, LeanVLMError, UnsupportedModelError
 from .cache import check_cache, get_kv_record, set_kv_record
-from .context import Context
+from .context import Context, VisionContext
 from .edits import apply_edit
 from .layers import extend_mask, layer_position_ids, next_positions, prefill_mask
 from .local import PerThread, prompt_length_of, remove_hook
-from .plan import Replace, Step, check_plan, check_runners
+from .plan import Replace, Step, Vision, check_plan, check_runners
 from .state import KVMap, KVRecord, TokenState, expand_positions
 from .trace import DecodeRecord, StageRecord, Trace
 from .training import answer_queries, next_token_targets
@@ -65,6 +65,7 @@ class _Call:
     #: runs without a KV cache and recomputes the whole sequence at every step after the first
     records: list[StageRecord] = field(default_factory=list)
     recompute: bool = False
+    vision: dict = field(default_factory=dict)  # what vision steps stored for this call
     next_pos: torch.Tensor | None = None  # [B] position after the input's last token
     pos_rows: int = 0
     # extend mode
@@ -86,6 +87,7 @@ class Engine:
     _labels = PerThread()
     _shift_labels = PerThread()
     _vision_inputs = PerThread()
+    _vision_store = PerThread()
     _final = PerThread()
     _call = PerThread()
     #: inside generate(): how many fresh (uncached) forwards of the decoder stack it has run
@@ -100,7 +102,7 @@ class Engine:
         for m in self.methods:
             if not m.is_noop:
                 plans.append((m.describe(), list(m.plan(adapter))))
-                check_plan(type(m).__name__, plans[-1][1], n_layers)
+                check_plan(type(m).__name__, plans[-1][1], n_layers, lambda: len(adapter.vision_layers))
                 if not m.changes_length and any(isinstance(item, Step) for item in plans[-1][1]):
                     raise ConfigError(
                         f"{type(m).__name__} declares changes_length=False but its plan edits the token set"
@@ -116,11 +118,14 @@ class Engine:
             if s.observe is not None:
                 self.observe_at.setdefault(s.observe_layer, []).append(k)
         self.runners = {i: r for r in items if isinstance(r, Replace) for i in range(r.start, r.end)}
+        self.vision_at: dict[int, list[Vision]] = {}
+        for v in (v for v in items if isinstance(v, Vision)):
+            self.vision_at.setdefault(v.layer, []).append(v)
         #: the layers where a stage of the KV cache begins (stored with a cache it filled)
         self.layout = tuple(sorted({s.layer for s in steps}))
         self.stage_of_layer = [sum(s <= i for s in self.layout) for i in range(n_layers)]
         self.input_stage = 0 in self.layout
-        self.active = bool(steps or self.runners)
+        self.active = bool(steps or self.runners or self.vision_at)
         hooked = [*self.layout, *self.observe_at, *self.runners]
         self.first_layer = min(hooked) if hooked else n_layers  # the first decoder layer hooked
         #: (module, "pre" | "post", hook id) of every hook installed; every hook is a bound method of the
@@ -146,6 +151,8 @@ class Engine:
         if self.active:
             for i in range(self.first_layer, a.num_layers):
                 self._hook(a.layers[i], "pre", functools.partial(self._layer_hook, i))
+        for i in sorted(self.vision_at):
+            self._hook(a.vision_layers[i], "pre", functools.partial(self._vision_hook, i))
         for i in sorted(self.runners):
             a.layers[i].forward = functools.partial(self._replaced_forward, i)
             self._replaced.append(i)
@@ -212,6 +219,7 @@ class Engine:
             self._visual = None
             return
         self._visual = self.adapter.visual_mask(input_ids, embeds)
+        self._vision_store = {}  # this call's vision steps write here (the tower runs inside this call)
         self._vision_inputs = {k: kwargs[k] for k in VISION_KEYS if kwargs.get(k) is not None}
         self._vision_inputs["input_ids"] = input_ids if input_ids is not None else embeds[..., 0]
         self._vision_inputs["has_input_ids"] = input_ids is not None
@@ -402,6 +410,7 @@ class Engine:
             visual_counts=visual.sum(-1).tolist(),
             query_rows=answer_queries(self._labels, self._shift_labels, b, n, device),
             state=state,
+            vision=self._vision_store or {},
             records=records,
             recompute=recompute,
             next_pos=last_pos + 1,
@@ -589,6 +598,24 @@ class Engine:
                 kwargs["position_ids"] = pos if pos.dim() == given.dim() else pos[0]
             kwargs["position_embeddings"] = rope
         return args, kwargs
+
+    def _vision_hook(self, layer_idx: int, module, args, kwargs):
+        """Vision steps at a vision encoder layer's input: observe, or replace the hidden states."""
+        hidden = compat.layer_hidden(args, kwargs)
+        if self._vision_store is None:
+            self._vision_store = {}
+        changed = False
+        for step in self.vision_at[layer_idx]:
+            out = step.run(VisionContext(self.adapter, layer_idx, hidden, self._vision_store))
+            if out is None:
+                continue
+            if not isinstance(out, torch.Tensor) or out.shape != hidden.shape:
+                raise LeanVLMError(
+                    f"a vision step at layer {layer_idx} returned {getattr(out, 'shape', type(out).__name__)}; "
+                    f"it may only return hidden states of the input's shape {tuple(hidden.shape)}"
+                )
+            hidden, changed = out, True
+        return compat.set_layer_hidden(args, kwargs, hidden) if changed else None
 
     def _replaced_forward(self, layer_idx: int, *args, **kwargs):
         """The forward of a layer a method's runner replaces (while a call of this model is running)."""

@@ -9,11 +9,11 @@ from ..errors import ConfigError, show
 
 POSITIONS = ("auto", "original", "compact")
 QUERIES = ("last", "text")
-#: where a method acts; the engine installs "input" (the LLM's input, before any layer) and "llm"
+#: where a method acts, in the order methods run; the engine installs all but "decode" today
 STAGES = ("vision", "input", "llm", "decode")
-INSTALLABLE_STAGES = ("input", "llm")
+INSTALLABLE_STAGES = ("vision", "input", "llm")
 #: what a method may declare it needs; the engine provides these
-NEEDS = ("scores", "image_ids")
+NEEDS = ("scores", "image_ids", "vision")
 
 
 class Method:
@@ -22,9 +22,9 @@ class Method:
     are generic (:mod:`leanvlm.engine.edits`).
 
     Flags read by callers (never ``isinstance``):
-      stage: where it acts: "input" (the LLM's input, before any layer), "llm" (inside the language
-        model), "vision" (inside the vision tower) or "decode"; ``apply`` orders methods by it and
-        refuses a stage the engine cannot install.
+      stage: where it acts: "vision" (inside the vision tower), "input" (the LLM's input, before any
+        layer), "llm" (inside the language model) or "decode"; ``apply`` orders methods by it and
+        refuses a stage the engine cannot install (today: decode).
       needs: what the engine must provide (``NEEDS``); ``apply`` refuses an unknown need.
       needs_scores: ranks tokens by attention (``"scores" in needs``).
       changes_length: later layers see a different number of tokens (the cache holds stages); a plan
