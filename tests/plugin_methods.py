@@ -6,6 +6,7 @@ the invariant matrix."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -136,6 +137,40 @@ class DampenVision(Method):
             return v.hidden * self.factor
 
         return [Vision(self.layer, dampen)]
+
+    def visual_schedule(self, num_layers, images):
+        return [sum(images)] * num_layers
+
+
+@dataclass(frozen=True)
+class CountingDecoder(Method):
+    """A decoding-stage method: runs transformers' own loop (through the generate() entry) with a logits
+    processor that counts the steps; ``steps`` (a class-level list) gets one count per generate call."""
+
+    enabled: bool = True
+    stage = "decode"
+    changes_length = False
+    steps: ClassVar[list] = []
+
+    @property
+    def is_noop(self) -> bool:
+        return not self.enabled
+
+    def decode(self, model, input_ids, stock, logits_processor=None, **kwargs):
+        from transformers import LogitsProcessor, LogitsProcessorList
+
+        count = [0]
+
+        class Count(LogitsProcessor):
+            def __call__(self, ids, scores):
+                count[0] += 1
+                return scores
+
+        processors = LogitsProcessorList([*(logits_processor or []), Count()])
+        try:
+            return stock(input_ids, logits_processor=processors, **kwargs)
+        finally:
+            CountingDecoder.steps.append(count[0])
 
     def visual_schedule(self, num_layers, images):
         return [sum(images)] * num_layers

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from models import PROMPTS, build, make_inputs
-from plugin_methods import DampenVision, EveryOtherFeature, FrozenVisual, InsertSummary
+from plugin_methods import CountingDecoder, DampenVision, EveryOtherFeature, FrozenVisual, InsertSummary
 from test_invariants import METHODS, NOOPS
 
 import leanvlm as lv
@@ -108,7 +108,7 @@ def test_apply_refuses_what_the_engine_cannot_install():
 
     @dataclass(frozen=True)
     class InTheTower(Method):
-        stage = "decode"
+        stage = "serving"
         is_noop = False
 
     @dataclass(frozen=True)
@@ -118,7 +118,7 @@ def test_apply_refuses_what_the_engine_cannot_install():
 
     with pytest.raises(
         lv.UnsupportedModelError,
-        match="InTheTower acts at stage 'decode'.*installable stages: vision, input, llm",
+        match="InTheTower acts at stage 'serving'.*installable stages: vision, input, llm, decode",
     ):
         lv.apply(model, InTheTower())
     with pytest.raises(
@@ -263,3 +263,31 @@ def test_what_a_vision_step_stores_reaches_later_steps():
                 return [Vision(99, lambda v: None)]
 
         lv.apply(model, Deep())
+
+
+@pytest.mark.parametrize("adapter", ["llava", "qwen2-vl"])
+def test_decoding_method_runs_inside_stock_generate_and_equals_greedy(adapter):
+    """Invariant 7 for the decoding entry: a decoding-stage method composed with FastV gives FastV's own
+    greedy tokens; the explicit custom_generate entry gives what plain generate() gives, cached or not."""
+    model, proc = build(adapter, num_layers=5)
+    inputs = make_inputs(proc, PROMPTS[:2])
+    gen = dict(max_new_tokens=5, do_sample=False)
+    fastv = lv.FastV(layer=2, keep_ratio=0.5)
+    with lv.apply(model, fastv):
+        plain = model.generate(**inputs, **gen)
+        entry = model.generate(**inputs, **gen, custom_generate=lv.generation.generate)
+        uncached = model.generate(**inputs, **gen, custom_generate=lv.generation.generate, use_cache=False)
+    assert torch.equal(plain, entry) and torch.equal(plain, uncached)
+    calls = len(CountingDecoder.steps)
+    with lv.apply(model, CountingDecoder(), fastv) as applied:
+        decoded = model.generate(**inputs, **gen)
+        assert (
+            applied.trace.decode_steps == 4
+            and applied.trace.visual_per_layer[1][2] < applied.trace.visual_per_layer[1][1]
+        )
+    assert torch.equal(decoded, plain)
+    assert CountingDecoder.steps[calls:] == [5]
+    assert torch.equal(
+        model.generate(**inputs, **gen, custom_generate=lv.generation.generate),
+        model.generate(**inputs, **gen),
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from models import ADAPTERS, PROMPTS, build, build_for, make_inputs, visual_counts
-from plugin_methods import DampenVision, EveryOtherFeature, FrozenVisual, InsertSummary
+from plugin_methods import CountingDecoder, DampenVision, EveryOtherFeature, FrozenVisual, InsertSummary
 from plugin_trainable import LearnedTokens
 
 import leanvlm as lv
@@ -30,6 +30,7 @@ METHODS = {
     "runner": FrozenVisual(start=2, end=4),
     "trainable": LearnedTokens(layer=1, count=2),
     "vision": DampenVision(layer=0, factor=0.5),
+    "decode": CountingDecoder(),
 }
 NOOPS = {
     "fastv": lv.FastV(layer=2, keep_ratio=1.0),
@@ -40,6 +41,7 @@ NOOPS = {
     "runner": FrozenVisual(start=2, end=2),
     "trainable": LearnedTokens(count=0),
     "vision": DampenVision(factor=1.0),
+    "decode": CountingDecoder(enabled=False),
 }
 DROPPING = (lv.FastV, lv.PyramidDrop, EveryOtherFeature)  # checked against the masking oracle
 
@@ -116,8 +118,13 @@ def test_apply_remove_restores(adapter, method):
     hooks = hooks_on(model)
     applied = lv.apply(model, method)
     assert hooks_on(model) > hooks
-    changed = last_logits(model, inputs)
-    assert not torch.allclose(changed, base)  # the method did something
+    if method.stage == "decode":  # it acts in generate(), through the decoding entry
+        calls = len(CountingDecoder.steps)
+        model.generate(**inputs, **GEN)
+        assert CountingDecoder.steps[calls:] == [GEN["max_new_tokens"]]
+    else:
+        changed = last_logits(model, inputs)
+        assert not torch.allclose(changed, base)  # the method did something
     applied.remove()
     assert hooks_on(model) == hooks
     assert "generate" not in vars(model)

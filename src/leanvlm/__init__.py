@@ -1,6 +1,7 @@
 """leanvlm: spend less compute on visual tokens in vision-language models."""
 
 from . import adapters as _adapters  # noqa: F401  (registers the adapters)
+from . import generation
 from .api import Applied, apply, last_report, remove
 from .errors import CompatError, ConfigError, IncompatibleMethodsError, LeanVLMError, UnsupportedModelError
 from .methods import FastV, Method, PyramidDrop, VisualContextCompression
@@ -25,6 +26,7 @@ __all__ = [
     "UnsupportedModelError",
     "VisualContextCompression",
     "apply",
+    "generation",
     "last_report",
     "load_modules",
     "parse_method",

@@ -167,6 +167,11 @@ def _adopt_copy(methods, engine: Engine) -> None:
     _register(Applied(engine.adapter.model, methods, engine.adapter, engine))
 
 
+def handle_of(model) -> Applied | None:
+    """What :func:`apply` installed on ``model`` (None if nothing is applied)."""
+    return _APPLIED.get(model)
+
+
 def remove(model) -> bool:
     """Remove whatever :func:`apply` installed on ``model``. Returns False if nothing was applied."""
     handle = _APPLIED.get(model)

@@ -191,6 +191,22 @@ def set_layer_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor):
     return args, kwargs
 
 
+def stock_decoding(model, generation_config):
+    """transformers' own decoding loop for ``generation_config``'s mode, bound to ``model`` (5.18-5.24:
+    greedy and sampling run ``GenerationMixin._sample``; called like a ``custom_generate`` callable)."""
+    from transformers.generation.utils import GENERATION_MODES_MAPPING, GenerationMode
+
+    mode = generation_config.get_generation_mode()
+    if mode not in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE):
+        raise fail(
+            f"a leanvlm decoding entry supports greedy search and sampling; this call asks for {mode.value}"
+        )
+    loop = getattr(type(model), GENERATION_MODES_MAPPING[mode], None)
+    if loop is None:
+        raise fail(f"{type(model).__name__} has no {GENERATION_MODES_MAPPING[mode]} decoding loop")
+    return functools.partial(loop, model)
+
+
 def layer_output_hidden(output) -> torch.Tensor:
     """The hidden states a decoder layer returned (5.18-5.24: the tensor itself; older: a tuple's first)."""
     hidden = output[0] if isinstance(output, tuple) else output

@@ -126,6 +126,8 @@ class Engine:
         self.stage_of_layer = [sum(s <= i for s in self.layout) for i in range(n_layers)]
         self.input_stage = 0 in self.layout
         self.active = bool(steps or self.runners or self.vision_at)
+        #: the decoding-stage method, whose loop generate() runs (through leanvlm.generation.generate)
+        self.decoder = next((m for m in self.methods if m.stage == "decode" and not m.is_noop), None)
         hooked = [*self.layout, *self.observe_at, *self.runners]
         self.first_layer = min(hooked) if hooked else n_layers  # the first decoder layer hooked
         #: (module, "pre" | "post", hook id) of every hook installed; every hook is a bound method of the
@@ -206,6 +208,10 @@ class Engine:
         saved = self.prompt_len, self._generate_fresh  # generate() may run inside prompt_length() or itself
         self.prompt_len = inputs.shape[1] if inputs is not None else None
         self._generate_fresh = 0
+        if self.decoder is not None and kwargs.get("custom_generate") is None:
+            from ..generation import generate as entry
+
+            kwargs["custom_generate"] = entry  # the decoding-stage method's loop, inside stock generate()
         try:
             return type(model).generate(model, *args, **kwargs)
         finally:

@@ -9,9 +9,9 @@ from ..errors import ConfigError, show
 
 POSITIONS = ("auto", "original", "compact")
 QUERIES = ("last", "text")
-#: where a method acts, in the order methods run; the engine installs all but "decode" today
+#: where a method acts, in the order methods run
 STAGES = ("vision", "input", "llm", "decode")
-INSTALLABLE_STAGES = ("vision", "input", "llm")
+INSTALLABLE_STAGES = ("vision", "input", "llm", "decode")
 #: what a method may declare it needs; the engine provides these
 NEEDS = ("scores", "image_ids", "vision")
 
@@ -24,7 +24,7 @@ class Method:
     Flags read by callers (never ``isinstance``):
       stage: where it acts: "vision" (inside the vision tower), "input" (the LLM's input, before any
         layer), "llm" (inside the language model) or "decode"; ``apply`` orders methods by it and
-        refuses a stage the engine cannot install (today: decode).
+        refuses a stage the engine cannot install.
       needs: what the engine must provide (``NEEDS``); ``apply`` refuses an unknown need.
       needs_scores: ranks tokens by attention (``"scores" in needs``).
       changes_length: later layers see a different number of tokens (the cache holds stages); a plan
@@ -92,8 +92,15 @@ class Method:
         """A trainable method's fresh modules (an ``nn.Module``) for the model behind ``adapter``."""
         raise NotImplementedError(f"{type(self).__name__} declares trainable=True but builds no modules")
 
+    def decode(self, model, input_ids, stock, **kwargs):
+        """A decoding-stage method's loop, called by stock ``generate()`` (``leanvlm.generation``) with
+        what transformers prepared; ``stock(input_ids, **kwargs)`` runs transformers' own loop."""
+        raise NotImplementedError(f"{type(self).__name__} declares stage='decode' but has no decode()")
+
     def plan(self, adapter) -> list:
         """The steps the engine runs (checked when applied); only called on a setting that is not a no-op."""
+        if self.stage == "decode":
+            return []  # a decoding-stage method acts through decode()
         raise NotImplementedError
 
     def visual_schedule(self, num_layers: int, images: list[int]) -> list[int]:
