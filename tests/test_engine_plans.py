@@ -3,6 +3,7 @@ without the engine, composition by stage, and the refusals of what it cannot ins
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import pytest
@@ -249,7 +250,7 @@ def test_what_a_vision_step_stores_reaches_later_steps():
             def count(v):
                 v.store["patches"] = v.store.get("patches", 0) + v.hidden.shape[0]
 
-            return [Vision(0, count), Step(2, lambda ctx: seen.append(dict(ctx.vision)))]
+            return [Vision(0, count), Step(0, lambda ctx: seen.append(dict(ctx.vision)))]
 
     with lv.apply(model, Observe()):
         _logits(model, inputs)
@@ -291,3 +292,88 @@ def test_decoding_method_runs_inside_stock_generate_and_equals_greedy(adapter):
         model.generate(**inputs, **gen, custom_generate=lv.generation.generate),
         model.generate(**inputs, **gen),
     )
+
+
+def test_input_stage_without_an_attention_mask_equals_with_one():
+    """Kept tokens keep their positions, which then skip: without a mask transformers would read the jumps
+    as packed sequences. The engine always hands the model a mask."""
+    model, proc = build("llava", num_layers=5)
+    inputs = make_inputs(proc, PROMPTS[:1])
+    bare = {k: v for k, v in inputs.items() if k != "attention_mask"}
+    with lv.apply(model, EveryOtherFeature(step=2)):
+        torch.testing.assert_close(_logits(model, bare), _logits(model, inputs))
+
+
+def test_inserting_twice_after_one_token_keeps_a_strict_order():
+    valid = torch.ones(1, 3, dtype=torch.bool)
+    s = TokenState.initial(valid, torch.tensor([[False, True, False]]), torch.arange(3)[None])
+    h = torch.randn(1, 3, 4)
+    h, s, _ = apply_edit(Insert(torch.randn(1, 2, 4), torch.tensor([[0, 0]])), h, s, None)
+    h, s, _ = apply_edit(Insert(torch.randn(1, 1, 4), torch.tensor([[0]])), h, s, None)
+    order = s.order[0].tolist()
+    assert order == sorted(order) and len(set(order)) == len(order)
+    assert s.kind[0].tolist() == [0, 3, 3, 3, 1, 0]
+
+
+def test_keep_squeezes_padding_and_counts_only_input_tokens_for_compact_positions():
+    valid = torch.tensor([[False, False, True, True, True], [True, True, True, True, True]])
+    visual = torch.tensor([[False, False, False, True, False], [False, True, True, True, False]])
+    s = TokenState.initial(valid, visual & valid, torch.arange(5).expand(2, 5))
+    h = torch.randn(2, 5, 4)
+    h, s, _ = apply_edit(Insert(torch.randn(2, 1, 4), torch.tensor([[2], [0]])), h, s, None)
+    drop = s.visual | (s.kind == 3)  # every visual token and the inserted ones
+    h2, s2, changed = apply_edit(Keep(~drop, compact=True), h, s, None)
+    assert changed and h2.shape[1] == 2  # the padding went too: the widest sample keeps 2 tokens
+    assert s2.valid.sum(-1).tolist() == [2, 2]
+    assert s2.shift.tolist() == [1, 3]  # dropped input tokens only, not the inserted ones
+    assert s2.pos[1].tolist() == [0, 1]  # text after the dropped image moves down by what was dropped
+
+
+def test_runners_run_in_decode_steps_so_cached_equals_uncached():
+    from leanvlm.engine import Replace
+
+    @dataclass(frozen=True)
+    class DampenText(Method):
+        changes_length = False
+        is_noop = False
+
+        def plan(self, adapter):
+            def run(ctx, i, layer, hidden, call_layer):
+                out = call_layer(hidden)
+                if ctx.decoding:
+                    return out * 0.5
+                return torch.where(ctx.state.visual[..., None], out, out * 0.5)
+
+            return [Replace(2, 4, run)]
+
+    model, proc = build("llava", num_layers=5)
+    inputs = make_inputs(proc, PROMPTS)  # a text-only prompt in the batch too
+    gen = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    with lv.apply(model, DampenText()):
+        cached = model.generate(**inputs, **gen)
+        uncached = model.generate(**inputs, **gen, use_cache=False)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    for a, b in zip(cached.logits, uncached.logits, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_deep_copies_use_their_own_modules():
+    from plugin_trainable import LearnedTokens
+
+    model, proc = build("llava", num_layers=5)
+    model = copy.deepcopy(model)
+    inputs = make_inputs(proc, PROMPTS[:1])
+    method = LearnedTokens(layer=1, count=2)
+    lv.prepare(model, method)
+    with lv.apply(model, method):
+        original = _logits(model, inputs)
+        twin = copy.deepcopy(model)
+        with torch.no_grad():
+            twin.leanvlm_modules["LearnedTokens"].tokens.mul_(3.0)
+        assert not torch.allclose(_logits(twin, inputs), original, atol=1e-4)  # the copy's own tokens
+        torch.testing.assert_close(_logits(model, inputs), original)
+        lv.remove(twin)
+    with lv.apply(model, FrozenVisual(2, 4)):
+        layer = model.model.language_model.layers[2]
+        alone = copy.deepcopy(layer)  # one layer alone: bound to itself, stock outside the model's calls
+        assert vars(alone)["forward"].args[1] is alone

@@ -178,3 +178,20 @@ def test_train_under_accelerate_ddp_keeps_ranks_identical(data_dir, tmp_path):  
     from safetensors.torch import load_file
 
     assert not any(k.startswith("leanvlm_modules") for k in load_file(out / "model.safetensors"))
+
+
+def test_a_refused_load_leaves_modules_registered_before(tmp_path):
+    model, _ = fresh()
+    lv.prepare(model, METHOD)
+    lv.save_modules(model, tmp_path)
+    other, _ = fresh()
+    wider = LearnedTokens(layer=1, count=3)  # same key, another shape
+    lv.prepare(other, wider)
+    trained = other.leanvlm_modules["LearnedTokens"].tokens.detach().clone()
+    with pytest.raises(
+        lv.ConfigError, match="'LearnedTokens.tokens' has shape \\[2, 64\\], this model's \\[3, 64\\]"
+    ):
+        lv.load_modules(other, tmp_path, wider)
+    assert torch.equal(other.leanvlm_modules["LearnedTokens"].tokens, trained)  # still there, untouched
+    with pytest.raises(lv.ConfigError, match="needs the trainable methods"):
+        lv.load_modules(other, tmp_path, lv.FastV())

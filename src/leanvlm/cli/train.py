@@ -71,7 +71,10 @@ def run(args) -> int:
             importlib.import_module(module)
         except ImportError as error:
             raise ConfigError(f"--import {module}: {error}") from None
-    summary = run_recipe(args)
+    try:
+        summary = run_recipe(args)
+    finally:
+        _end_distributed()
     if not summary.pop("main_process"):
         return 0  # data-parallel training: the main process writes the summary
     path = Path(args.output_dir) / "train_summary.json"
@@ -82,3 +85,13 @@ def run(args) -> int:
         f"{args.output_dir}; summary in {path}"
     )
     return 0
+
+
+def _end_distributed() -> None:
+    """Close the process group a data-parallel run opened (left open, gloo's threads can abort the
+    interpreter at exit)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

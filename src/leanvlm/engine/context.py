@@ -72,9 +72,9 @@ class Context:
 
     @property
     def in_prompt(self) -> torch.Tensor:
-        """[B, n] real slots that belong to the prompt."""
+        """[B, n] real slots of the prompt's tokens (inserted slots are not prompt)."""
         s = self.state
-        return s.valid & (s.orig < self._call.prompt_len)
+        return s.valid & (s.orig < self._call.prompt_len) & (s.kind != INSERTED)
 
     def last_prompt_slot(self) -> torch.Tensor:
         """[B, 1] the slot of the last prompt token (-1 for a row of padding only): what generation

@@ -19,7 +19,7 @@ import torch
 
 from ..errors import LeanVLMError
 from ..ops import compact_indices
-from .state import INSERTED, ORDER_STEP, POOLED, TokenState, gather_positions, gather_rows
+from .state import INSERTED, POOLED, TokenState, gather_positions, gather_rows
 
 Rotary = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -75,7 +75,7 @@ def _check(edit_name: str, tensor: torch.Tensor, shape, dtype=None) -> None:
         )
 
 
-def _tables(rotary, hidden, pos, state, index):
+def _tables(rotary, hidden, pos, state):
     if rotary is None or state.cos is None:
         return None, None
     return rotary(hidden, pos)
@@ -83,22 +83,22 @@ def _tables(rotary, hidden, pos, state, index):
 
 def _keep(edit: Keep, hidden, s: TokenState, rotary):
     _check("Keep.keep", edit.keep, s.orig.shape, torch.bool)
-    keep = edit.keep | ~s.valid  # padding is not the method's to drop (compact_indices drops nothing real)
-    if bool(keep.all()):
-        return hidden, s, False
+    if not bool((s.valid & ~edit.keep).any()):
+        return hidden, s, False  # nothing real dropped
+    keep = edit.keep & s.valid  # padding and filler slots go too: compact_indices puts fillers in front
     index, present = compact_indices(keep)
-    dropped = s.valid & ~keep
+    # compact positions: later tokens' ids are lowered by the input tokens dropped before them
+    dropped = s.valid & ~keep & (s.kind != INSERTED)
     hidden = gather_rows(hidden, index)
     pos = gather_positions(s.pos, index)
     if edit.compact:
         pos = (pos - gather_positions(dropped.long().cumsum(-1), index)).masked_fill(~present, 0)
-        cos, sin = _tables(rotary, hidden, pos, s, index)
+        cos, sin = _tables(rotary, hidden, pos, s)
     elif s.cos is not None:
         cos, sin = gather_rows(s.cos, index), gather_rows(s.sin, index)
     else:
         cos = sin = None
-    # compact positions: later tokens' ids were lowered by the real tokens dropped before them
-    shift = s.shift + (dropped & (s.kind != INSERTED)).sum(-1) if edit.compact else s.shift
+    shift = s.shift + dropped.sum(-1) if edit.compact else s.shift
     return hidden, s.select(index, present, pos=pos, cos=cos, sin=sin, shift=shift), True
 
 
@@ -127,7 +127,7 @@ def _merge(edit: Merge, hidden, s: TokenState, rotary):
     else:
         raise LeanVLMError(f"Merge.position={edit.position!r} is not 'mean' or 'first'")
     pos = gather_positions(pos, index)
-    cos, sin = _tables(rotary, hidden, pos, s, index)
+    cos, sin = _tables(rotary, hidden, pos, s)
     new = s.select(index, present, pos=pos, cos=cos, sin=sin, shift=s.shift)
     grouped = gather_rows(counts, index)[..., 0] > 1
     new.kind = torch.where(grouped & present, POOLED, new.kind).to(s.kind.dtype)
@@ -152,8 +152,6 @@ def _insert(edit: Insert, hidden, s: TokenState):
         # the last slot is where the model's output (the next-token logits) is read
         raise LeanVLMError("Insert.after: a token can not be inserted after the last slot of the sequence")
     after = torch.where(valid_new, after, -1)  # filler slots go in front, as everywhere
-    if k >= ORDER_STEP:
-        raise LeanVLMError(f"Insert: at most {ORDER_STEP - 1} tokens per step")
     # the combined sequence, sorted by (anchor slot, inserted after the anchor, rank among the inserted)
     own = s.slots
     key_old = own * (k + 1)
@@ -172,12 +170,11 @@ def _insert(edit: Insert, hidden, s: TokenState):
         return both.gather(-1, order.expand(*both.shape[:-2], *order.shape))
 
     in_front = after < 0
-    rank = torch.arange(1, k + 1, device=after.device).expand(b, k)
-    new_order = torch.where(in_front, -ORDER_STEP + rank, s.order.gather(1, anchor) + rank)
     state = TokenState(
         orig=combine(s.orig, s.orig.gather(1, anchor)),
         base=combine(s.base, s.base.gather(1, anchor)),
-        order=combine(s.order, new_order),
+        # the slots are in causal order: number them (inserting twice after one token stays strict)
+        order=torch.arange(n + k, device=after.device).expand(b, n + k),
         valid=combine(s.valid, valid_new & (in_front | s.valid.gather(1, anchor))),
         kind=combine(s.kind, torch.full((b, k), INSERTED, dtype=s.kind.dtype, device=after.device)),
         pos=combine_pos(s.pos),

@@ -17,6 +17,10 @@ def prefill_mask(mask, s: TokenState, attn_implementation: str, dtype: torch.dty
     kind = compat.mask_kind(mask)
     inserted = bool(s.inserted.any())
     if kind == "none":
+        if attn_implementation.startswith("flash"):
+            # a mask, not None: flash attention without one reads the edited position ids (which skip
+            # or repeat) as packed sequences
+            return s.valid.long()
         if bool(s.valid.all()):
             return None  # causal over the slots, in order: the kernel's is_causal is right
         return to_layer_format(build_bool_mask(s.order, s.order, s.valid), attn_implementation, dtype)

@@ -29,12 +29,6 @@ class Step:
     edit: Callable
     observe: Callable | None = None
     observe_layer: int | None = None
-    #: the slot state this step leaves is a stage of the KV cache (its layers cache fewer entries)
-    name: str = ""
-
-    @property
-    def first_layer(self) -> int:
-        return self.layer if self.observe_layer is None else min(self.layer, self.observe_layer)
 
 
 @dataclass(frozen=True)
@@ -46,7 +40,6 @@ class Vision:
 
     layer: int
     run: Callable
-    name: str = ""
 
 
 @dataclass(frozen=True)
@@ -54,19 +47,20 @@ class Replace:
     start: int
     end: int
     run: Callable
-    name: str = ""
 
 
-def check_plan(owner: str, plan: list, num_layers: int, num_vision_layers=None) -> None:
-    """Refuse a plan the engine cannot install, naming the step (``num_vision_layers``: a callable, asked
-    only when the plan has vision steps)."""
+def check_plan(method, plan: list, num_layers: int, num_vision_layers=None) -> None:
+    """Refuse a plan the engine cannot install, or one that does not match what ``method`` declares
+    (its stage, ``changes_length``), naming the step (``num_vision_layers``: a callable, asked only when
+    the plan has vision steps)."""
+    owner, stage = type(method).__name__, method.stage
     for item in plan:
         if isinstance(item, Vision):
             n = num_vision_layers()
             if not 0 <= item.layer < n:
                 raise ConfigError(f"{owner}: a vision step at layer {item.layer} is outside [0, {n - 1}]")
-            continue
-        if isinstance(item, Step):
+            _check_stage(owner, stage, ("vision",), f"a vision step at layer {item.layer}")
+        elif isinstance(item, Step):
             if not 0 <= item.layer < num_layers:
                 raise ConfigError(f"{owner}: a step at layer {item.layer} is outside [0, {num_layers - 1}]")
             if item.observe is not None:
@@ -75,17 +69,30 @@ def check_plan(owner: str, plan: list, num_layers: int, num_vision_layers=None) 
                         f"{owner}: a step at layer {item.layer} observes layer {item.observe_layer}; it must be "
                         f"in [0, {item.layer}]"
                     )
-                if item.observe_layer == 0 and item.layer == 0:
+                if item.layer == 0:
                     raise ConfigError(f"{owner}: an input-stage step can not observe a decoder layer")
+            allowed = ("vision", "input") if item.layer == 0 else ("llm",)
+            _check_stage(owner, stage, allowed, f"a step at layer {item.layer}")
+            if not method.changes_length:
+                raise ConfigError(f"{owner} declares changes_length=False but its plan edits the token set")
         elif isinstance(item, Replace):
             if not 1 <= item.start < item.end <= num_layers:
                 raise ConfigError(
                     f"{owner}: Replace({item.start}, {item.end}) must satisfy 1 <= start < end <= {num_layers}"
                 )
+            _check_stage(owner, stage, ("llm",), f"Replace({item.start}, {item.end})")
         else:
             raise ConfigError(
-                f"{owner}: plan() returned {type(item).__name__}; expected Step or Replace items"
+                f"{owner}: plan() returned {type(item).__name__}; expected Step, Vision or Replace items"
             )
+
+
+def _check_stage(owner: str, stage: str, allowed: tuple[str, ...], what: str) -> None:
+    """A plan item must sit in the stage its method declares (composition is checked by stage)."""
+    if stage not in allowed:
+        raise ConfigError(
+            f"{owner} declares stage={stage!r} but its plan has {what} (stage {' or '.join(allowed)})"
+        )
 
 
 def check_runners(plans: list[tuple[str, list]]) -> None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import compat
-from ..errors import ConfigError, LeanVLMError, UnsupportedModelError
+from ..errors import LeanVLMError, UnsupportedModelError
 from .cache import check_cache, get_kv_record, set_kv_record
 from .context import Context, VisionContext
 from .edits import apply_edit
@@ -54,6 +54,7 @@ class _Call:
     prompt_len: int = 0
     visual_counts: list[int] = field(default_factory=list)
     state: TokenState | None = None
+    has_visual: bool = True  # steps run only when the batch has visual tokens (runners always run)
     edited: bool = False  # some edit changed the token set (the cache needs a record)
     reduced: bool = False  # layers see other slots than the model's layer 0 (masks / positions handed in)
     stage_states: list[TokenState] = field(default_factory=list)
@@ -97,16 +98,27 @@ class Engine:
         self._local = threading.local()
         self.adapter = adapter
         self.methods = tuple(methods)
-        n_layers = adapter.num_layers
+        self._plan()
+        self._stale = False
+        #: (module, "pre" | "post", hook id) of every hook installed; every hook is a bound method of the
+        #: engine (or a partial of one), so that a deep copy of the model gets a copy of the engine
+        self._hooked: list[tuple[torch.nn.Module, str, int]] = []
+        self._replaced: list[int] = []
+        self._patched_generate = False
+        #: the trace of the last prefill in any thread (what a thread that ran none sees)
+        self.last_trace: Trace | None = None
+        #: called with the engine of a deep copy of the model (the API registers the copy's handle)
+        self.on_copy = None
+
+    def _plan(self) -> None:
+        """Ask every method for its plan (on this engine's adapter: a deep copy of the model re-plans, so
+        steps reach the copy's own modules) and index the steps by layer."""
+        adapter, n_layers = self.adapter, self.adapter.num_layers
         plans = []
         for m in self.methods:
             if not m.is_noop:
                 plans.append((m.describe(), list(m.plan(adapter))))
-                check_plan(type(m).__name__, plans[-1][1], n_layers, lambda: len(adapter.vision_layers))
-                if not m.changes_length and any(isinstance(item, Step) for item in plans[-1][1]):
-                    raise ConfigError(
-                        f"{type(m).__name__} declares changes_length=False but its plan edits the token set"
-                    )
+                check_plan(m, plans[-1][1], n_layers, lambda: len(adapter.vision_layers))
         check_runners(plans)
         items = [item for _, plan in plans for item in plan]
         steps = sorted((s for s in items if isinstance(s, Step)), key=lambda s: s.layer)
@@ -130,15 +142,10 @@ class Engine:
         self.decoder = next((m for m in self.methods if m.stage == "decode" and not m.is_noop), None)
         hooked = [*self.layout, *self.observe_at, *self.runners]
         self.first_layer = min(hooked) if hooked else n_layers  # the first decoder layer hooked
-        #: (module, "pre" | "post", hook id) of every hook installed; every hook is a bound method of the
-        #: engine (or a partial of one), so that a deep copy of the model gets a copy of the engine
-        self._hooked: list[tuple[torch.nn.Module, str, int]] = []
-        self._replaced: list[int] = []
-        self._patched_generate = False
-        #: the trace of the last prefill in any thread (what a thread that ran none sees)
-        self.last_trace: Trace | None = None
-        #: called with the engine of a deep copy of the model (the API registers the copy's handle)
-        self.on_copy = None
+
+    def _replan(self) -> None:
+        self._plan()
+        self._stale = False
 
     # --- install / remove ---------------------------------------------------------------------------
     def install(self) -> None:
@@ -156,7 +163,7 @@ class Engine:
         for i in sorted(self.vision_at):
             self._hook(a.vision_layers[i], "pre", functools.partial(self._vision_hook, i))
         for i in sorted(self.runners):
-            a.layers[i].forward = functools.partial(self._replaced_forward, i)
+            a.layers[i].forward = functools.partial(self._replaced_forward, i, a.layers[i])
             self._replaced.append(i)
         # generate() without a KV cache re-runs the whole sequence each step; ranking must keep using
         # the last *prompt* token so that cached and uncached generation keep the same tokens, and the
@@ -186,8 +193,9 @@ class Engine:
 
     def __deepcopy__(self, memo):
         """A deep copy of an applied model gets its own engine, driving the copy's hooks. A deep copy of
-        one hooked submodule alone keeps pointing at this engine (its hooks then do nothing outside this
-        model's calls) instead of dragging a copy of the whole model along."""
+        one hooked submodule alone keeps pointing at this engine, whose hooks do nothing on modules that
+        are not this model's (each checks the module it is called on), instead of dragging a copy of the
+        whole model along."""
         if id(self.adapter.model) not in memo:
             return self
         new = copy.copy(self)
@@ -197,6 +205,9 @@ class Engine:
         new.adapter = copy.deepcopy(self.adapter, memo)
         new._hooked = [(copy.deepcopy(m, memo), kind, hook_id) for m, kind, hook_id in self._hooked]
         new._replaced = list(self._replaced)
+        # the methods' steps may hold the original's modules (trainable parts): plan again for the copy,
+        # on its first call (the copied model is still being built here)
+        new._stale = True
         if self.on_copy is not None:
             self.on_copy(new)
         return new
@@ -219,6 +230,10 @@ class Engine:
 
     # --- hooks on the VLM and the top model ----------------------------------------------------------
     def _vlm_pre(self, module, args, kwargs):
+        if module is not self.adapter.vlm_model:
+            return None  # a deep copy of this module alone: not this model's call
+        if self._stale:
+            self._replan()
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
         if input_ids is None and embeds is None:
@@ -241,6 +256,10 @@ class Engine:
             )
 
     def _top_pre(self, module, args, kwargs):
+        if module is not self.adapter.model:
+            return None
+        if self._stale:
+            self._replan()
         # The model's logits may cover other tokens than its input: take the labels, and compute the loss
         # against the targets of the slots the last layer had (_top_post).
         if not self.layout or kwargs.get("labels") is None:
@@ -251,6 +270,8 @@ class Engine:
         return args, kwargs
 
     def _top_post(self, module, args, kwargs, output):
+        if module is not self.adapter.model:
+            return None
         labels, self._labels = self._labels, None
         shift_labels, self._shift_labels = self._shift_labels, None
         if labels is None:
@@ -267,6 +288,10 @@ class Engine:
 
     # --- the decoder stack ---------------------------------------------------------------------------
     def _text_pre(self, module, args, kwargs):
+        if module is not self.adapter.text_model:
+            return None
+        if self._stale:
+            self._replan()
         self._call = None
         self._final = None
         embeds = kwargs.get("inputs_embeds")
@@ -326,17 +351,20 @@ class Engine:
         # real entries layer 0 attends to: its whole cache and the new tokens, less the padding
         full_keys = (mask2d.sum(-1) if mask_past else valid.sum(-1) + past_len).to(device)
         plain = DecodeRecord([0], valid.sum(-1), [full_keys], cached=past is not None)
-        if not self.layout:
-            self.trace.decode.append(plain)
-            return None
-        if record is None:
+        if record is None and self.layout and past is not None:
             lengths = set(compat.layer_lengths(past))
             if len(lengths) > 1:
                 raise LeanVLMError(
                     f"this KV cache has layers of different lengths {sorted(lengths)} but no record of the "
                     "reduction that filled it; continue it with the model and method that filled it"
                 )
+        if record is None:
             self.trace.decode.append(plain)
+            if self.runners:  # runners compute their layers in decode steps too
+                new_orig = (past_len + torch.arange(n, device=device)).expand(b, n)
+                self._call = _Call(
+                    mode="extend", n_input=n, valid=valid, past_len=past_len, new_orig=new_orig
+                )
             return None
         if record.kvmaps[0].orig.shape[0] != b:
             raise LeanVLMError(
@@ -400,7 +428,8 @@ class Engine:
             self.trace.reset()
             self.trace.vision_inputs = self._vision_inputs
             self.trace.stages = records
-        if not (self.active and bool(visual.any())):
+        has_visual = bool(visual.any())
+        if not (self.active and (has_visual or self.runners)):
             if recompute:
                 self.trace.decode.append(DecodeRecord([0], valid.sum(-1), [valid.sum(-1)], cached=False))
             return None
@@ -416,6 +445,7 @@ class Engine:
             visual_counts=visual.sum(-1).tolist(),
             query_rows=answer_queries(self._labels, self._shift_labels, b, n, device),
             state=state,
+            has_visual=has_visual,
             vision=self._vision_store or {},
             records=records,
             recompute=recompute,
@@ -442,8 +472,9 @@ class Engine:
                 "an input-stage method needs a 2-D attention mask (or none); got a 4-D mask"
             )
         kwargs["inputs_embeds"] = hidden
-        if mask is not None or not bool(s.valid.all()):
-            kwargs["attention_mask"] = s.valid.long() if mask is None else mask.gather(1, s.orig) * s.valid
+        # always a 2-D mask: without one, transformers reads position ids that skip or repeat (kept
+        # tokens keep their positions) as sequences packed together and stops attention at each jump
+        kwargs["attention_mask"] = s.valid.long() if mask is None else mask.gather(1, s.orig) * s.valid
         if given_pos is not None and given_pos.dim() == 3 and given_pos.shape[0] == s.pos.shape[0] + 1:
             text_row = given_pos[:1].expand(1, b, n).gather(-1, s.orig[None])  # 5.x: a text row in front
             kwargs["position_ids"] = torch.cat([text_row, s.pos], 0)
@@ -456,6 +487,8 @@ class Engine:
     def _run_steps(self, layer_idx: int, hidden: torch.Tensor, call: _Call, *, observe=True, edit=True):
         """Observe and edit at the input of ``layer_idx`` (layer 0's edits run before the LLM, on the
         embeddings, its observers on the layer's input); a stage boundary records the token state."""
+        if not call.has_visual:
+            observe = edit = False
         for k in self.observe_at.get(layer_idx, ()) if observe else ():
             step = self.steps[k]
             call.observed[k] = step.observe(Context(self, call, layer_idx, hidden, call.state))
@@ -487,6 +520,8 @@ class Engine:
             )
 
     def _text_post(self, module, args, kwargs, output):
+        if module is not self.adapter.text_model:
+            return None
         call, self._call = self._call, None
         if call is None:
             return None
@@ -526,7 +561,7 @@ class Engine:
                         call.pos_rows,
                     )
                     set_kv_record(call.cache, record)
-        elif compat.cache_length(call.cache) == call.past_len + call.n_input:
+        elif call.record is not None and compat.cache_length(call.cache) == call.past_len + call.n_input:
             r = call.record
             set_kv_record(
                 call.cache,
@@ -545,7 +580,7 @@ class Engine:
     # --- decoder layers --------------------------------------------------------------------------------
     def _layer_hook(self, layer_idx: int, module, args, kwargs):
         call = self._call
-        if call is None:
+        if call is None or module is not self.adapter.layers[layer_idx]:
             return None
         if call.mode == "prefill":
             return self._prefill_layer(layer_idx, call, args, kwargs)
@@ -577,7 +612,7 @@ class Engine:
 
     def _extend_layer(self, layer_idx, call: _Call, args, kwargs):
         stage = self.stage_of_layer[layer_idx]
-        if stage == 0:
+        if stage == 0 or not call.kvmaps:  # unedited layers, or a cache with no record (runners only)
             return None
         m = call.kvmaps[stage - 1]
         mask = kwargs.get("attention_mask")
@@ -607,6 +642,8 @@ class Engine:
 
     def _vision_hook(self, layer_idx: int, module, args, kwargs):
         """Vision steps at a vision encoder layer's input: observe, or replace the hidden states."""
+        if module is not self.adapter.vision_layers[layer_idx]:
+            return None
         hidden = compat.layer_hidden(args, kwargs)
         if self._vision_store is None:
             self._vision_store = {}
@@ -623,12 +660,11 @@ class Engine:
             hidden, changed = out, True
         return compat.set_layer_hidden(args, kwargs, hidden) if changed else None
 
-    def _replaced_forward(self, layer_idx: int, *args, **kwargs):
+    def _replaced_forward(self, layer_idx: int, layer, *args, **kwargs):
         """The forward of a layer a method's runner replaces (while a call of this model is running)."""
-        layer = self.adapter.layers[layer_idx]
         stock = type(layer).forward.__get__(layer)
         call = self._call
-        if call is None:
+        if call is None or layer is not self.adapter.layers[layer_idx]:
             return stock(*args, **kwargs)
         hidden = compat.layer_hidden(args, kwargs)
 

@@ -9,8 +9,6 @@ import torch
 #: what a slot holds (``TokenState.kind``)
 TEXT, VISUAL, POOLED, INSERTED = 0, 1, 2, 3
 KIND_NAMES = ("text", "visual", "pooled", "inserted")
-#: ``order`` of an input token is ``orig * ORDER_STEP``; tokens inserted after it take the values between
-ORDER_STEP = 1024
 
 
 def expand_positions(position_ids: torch.Tensor | None, batch: int, n: int, device) -> torch.Tensor:
@@ -38,8 +36,8 @@ class TokenState:
              token it was inserted after, or 0 when inserted in front)
     base:    [B, n] index of the slot in the sequence the model's layer 0 received (what the model's
              own mask and positions are indexed by; equals ``orig`` unless an input-stage edit ran)
-    order:   [B, n] causal order: a slot attends to slots of lower or equal order (input tokens
-             ``orig * ORDER_STEP``; inserted tokens between their neighbours)
+    order:   [B, n] causal order: a slot attends to slots of lower or equal order (increasing along
+             the slots: the original index until tokens are inserted, the slot number after)
     valid:   [B, n] a real token (False for the model's padding and for filler slots added in front of
              samples that keep fewer tokens than others)
     kind:    [B, n] TEXT, VISUAL, POOLED (a merge of several visual tokens) or INSERTED
@@ -64,7 +62,7 @@ class TokenState:
         orig = torch.arange(n, device=valid.device).expand(b, n)
         kind = torch.where(visual, VISUAL, TEXT).to(torch.int8)
         zeros = torch.zeros(b, dtype=torch.long, device=valid.device)
-        return cls(orig, orig, orig * ORDER_STEP, valid, kind, pos, None, None, zeros)
+        return cls(orig, orig, orig, valid, kind, pos, None, None, zeros)
 
     @property
     def visual(self) -> torch.Tensor:

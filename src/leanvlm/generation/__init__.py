@@ -30,7 +30,8 @@ def generate(
         return stock(input_ids, **arguments)
     engine = handle.engine
     saved = engine.prompt_len
-    engine.prompt_len = input_ids.shape[1]
+    if input_ids.shape[1]:  # generating from inputs_embeds: input_ids is empty, generate() set the length
+        engine.prompt_len = input_ids.shape[1]
     try:
         if engine.decoder is not None:
             return engine.decoder.decode(model, input_ids, stock, **arguments)

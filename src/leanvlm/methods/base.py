@@ -26,7 +26,6 @@ class Method:
         layer), "llm" (inside the language model) or "decode"; ``apply`` orders methods by it and
         refuses a stage the engine cannot install.
       needs: what the engine must provide (``NEEDS``); ``apply`` refuses an unknown need.
-      needs_scores: ranks tokens by attention (``"scores" in needs``).
       changes_length: later layers see a different number of tokens (the cache holds stages); a plan
         with steps from a method that declares False is refused.
       trainable: has parameters of its own (``build_modules``), attached by ``lv.prepare`` before the
@@ -42,10 +41,6 @@ class Method:
     changes_length: ClassVar[bool] = True
     trainable: ClassVar[bool] = False
     composes: ClassVar[bool] = False
-
-    @property
-    def needs_scores(self) -> bool:
-        return "scores" in self.needs
 
     positions: str
     query: str

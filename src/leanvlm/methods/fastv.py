@@ -88,7 +88,7 @@ class FastV(Method):
         def drop(ctx):
             return keep_top_visual(ctx, ctx.from_tokens(ctx.observed), self.keep_count, compact)
 
-        return [Step(self.layer, drop, observe=rank, observe_layer=self.layer - 1, name="FastV")]
+        return [Step(self.layer, drop, observe=rank, observe_layer=self.layer - 1)]
 
     def visual_schedule(self, num_layers: int, images: list[int]) -> list[int]:
         n = sum(images)

@@ -91,7 +91,7 @@ class VisualContextCompression(Method):
 
     def plan(self, adapter) -> list[Step]:
         grid = adapter.fixed_grid if self.pool == "2d" else None
-        return [Step(self.layer, lambda ctx: Merge(self.groups(ctx, grid), self.merge_position), name="pool")]
+        return [Step(self.layer, lambda ctx: Merge(self.groups(ctx, grid), self.merge_position))]
 
     def groups(self, ctx, grid) -> torch.Tensor:
         """[B, n]: for each slot, the slot that leads its group (itself for tokens that are not merged).

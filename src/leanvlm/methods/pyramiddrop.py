@@ -132,10 +132,7 @@ class PyramidDrop(Method):
             keep = functools.partial(self.keep_count, stage)
             return keep_top_visual(ctx, ctx.attention(self.query), keep, compact)
 
-        return [
-            Step(layer, functools.partial(drop, stage=i), name=f"PyramidDrop stage {i + 1}")
-            for i, layer in enumerate(self.layers)
-        ]
+        return [Step(layer, functools.partial(drop, stage=i)) for i, layer in enumerate(self.layers)]
 
     def visual_schedule(self, num_layers: int, images: list[int]) -> list[int]:
         n = sum(images)

@@ -7,7 +7,6 @@ from collections.abc import Callable
 import torch
 
 from ..engine.edits import Keep
-from ..engine.state import VISUAL
 from ..ops import topk_keep
 
 
@@ -19,7 +18,7 @@ def keep_top_visual(ctx, scores: torch.Tensor, keep_count: Callable[[int], int],
     dropped, even when the prompt ends with an image, and counts against the budget when visual. In
     training, a sample without an answer span has no query row: it keeps everything."""
     s = ctx.state
-    candidates = s.visual & (s.kind == VISUAL)  # visual tokens of the input (not pooled, not inserted)
+    candidates = s.visual  # visual and pooled slots (never inserted ones): what the budget counts
     last = ctx.last_prompt_slot()
     last_is_visual = candidates.gather(1, last.clamp_min(0))[:, 0]
     candidates = candidates & (s.slots != last)

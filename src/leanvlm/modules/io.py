@@ -67,20 +67,22 @@ def load_modules(model, path, *methods) -> None:
             f"the modules in {folder} were trained on a model of another shape ({'; '.join(different)})"
         )
     keys = [m.module_key() for m in methods if m.trainable]
+    if not keys:
+        raise ConfigError("load_modules() needs the trainable methods whose modules to load; none was given")
     missing = [k for k in keys if k not in config["modules"]]
     if missing:
         raise ConfigError(f"{folder} holds modules for {config['modules']}, not for {missing}")
     state = load_file(str(folder / WEIGHTS))
-    fresh = attached(model) is None or any(k not in attached(model) for k in keys)
+    before = set(attached(model).keys()) if attached(model) is not None else set()
     registry = prepare(model, *methods)
+    created = [k for k in keys if k not in before]
     wanted = {name: t for name, t in registry.state_dict().items() if name.split(".", 1)[0] in keys}
     for name, tensor in wanted.items():
         if name not in state:
             raise ConfigError(f"{folder / WEIGHTS} has no tensor {name!r}")
         if tuple(state[name].shape) != tuple(tensor.shape):
-            if fresh:
-                for k in keys:
-                    registry.pop(k, None)
+            for k in created:  # leave the model as it was: modules registered before stay
+                registry.pop(k)
             raise ConfigError(
                 f"{folder / WEIGHTS}: {name!r} has shape {list(state[name].shape)}, this model's {list(tensor.shape)}"
             )
