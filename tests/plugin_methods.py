@@ -112,9 +112,6 @@ class FrozenVisual(Method):
 
         return [Replace(self.start, self.end, run)]
 
-    def visual_schedule(self, num_layers, images):
-        return [sum(images)] * num_layers
-
 
 @dataclass(frozen=True)
 class DampenVision(Method):
@@ -137,9 +134,6 @@ class DampenVision(Method):
             return v.hidden * self.factor
 
         return [Vision(self.layer, dampen)]
-
-    def visual_schedule(self, num_layers, images):
-        return [sum(images)] * num_layers
 
 
 @dataclass(frozen=True)
@@ -171,6 +165,3 @@ class CountingDecoder(Method):
             return stock(input_ids, logits_processor=processors, **kwargs)
         finally:
             CountingDecoder.steps.append(count[0])
-
-    def visual_schedule(self, num_layers, images):
-        return [sum(images)] * num_layers

@@ -100,8 +100,11 @@ class Method:
 
     def visual_schedule(self, num_layers: int, images: list[int]) -> list[int]:
         """Visual tokens each decoder layer processes for one sample whose images have ``images`` visual
-        tokens each (what the FLOPs formula assumes; the trace must match it)."""
-        raise NotImplementedError
+        tokens each (what the FLOPs formula assumes; the trace must match it). Methods that change no
+        lengths process them all."""
+        if not self.changes_length:
+            return [sum(images)] * num_layers
+        raise NotImplementedError(f"{type(self).__name__} changes lengths but declares no visual_schedule()")
 
     def scoring_layers(self, num_layers: int) -> list[int]:
         """The layers whose input an attention ranking is computed on (FLOPs of the ranking)."""
