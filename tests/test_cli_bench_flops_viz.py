@@ -108,6 +108,10 @@ def test_bench_writes_table_json_and_plot(capsys, bench_run):
         "fastv @ 0.8",
         "pyramiddrop @ default",
         "pyramiddrop @ 0.8",
+        "random @ default",
+        "random @ 0.8",
+        "uniform @ default",
+        "uniform @ 0.8",
         "vcc @ default",
         "vcc @ 0.8",
     ]
@@ -149,8 +153,8 @@ def test_bench_bad_arguments(capsys, argv, message):
 
 def test_matched_budgets_give_matched_equivalent_tokens():
     configs = build_configs(None, parse_budgets("0.5"), 32)
-    fastv, pdrop, vcc = (c.methods[0] for c in configs[2:])
-    for method in (fastv, pdrop):
+    fastv, pdrop, random, uniform, vcc = (c.methods[0] for c in configs[2:])
+    for method in (fastv, pdrop, random, uniform):
         visual = method.visual_schedule(32, [576])
         assert sum(visual) / 32 == pytest.approx(288, abs=2)
     assert configs[3].methods[0] == lv.PyramidDrop.at_budget(0.5, 32)

@@ -247,7 +247,10 @@ def test_pyramiddrop_accepts_list_tuple_and_range():
         ("fastv:=3", r"method argument '=3' has no name before '='"),
         ("fastv:layer={[1]: 2}", r"FastV: layer='\{\[1\]: 2\}' must be an int >= 1"),
         ("fastv:layer=" + "[" * 3000, r"FastV: layer='\[\[\[.*\.\.\.\[+' must be an int >= 1"),
-        ("warpdrive", r"unknown method 'warpdrive'; registered methods: fastv, pyramiddrop, vcc"),
+        (
+            "warpdrive",
+            r"unknown method 'warpdrive'; registered methods: fastv, pyramiddrop, random, uniform, vcc",
+        ),
     ],
 )
 def test_bad_specs_raise_config_error(spec, match):

@@ -23,6 +23,10 @@ METHODS = {
     ),
     "vcc": lv.VisualContextCompression(layer=2, stride=4),
     "vcc-2d-first": lv.VisualContextCompression(layer=1, stride=4, pool="2d", merge_position="first"),
+    "random": lv.RandomDrop(keep_ratio=0.5, seed=3),
+    "random-layer-compact": lv.RandomDrop(layer=2, keep_tokens=5, positions="compact"),
+    "uniform": lv.UniformDrop(keep_ratio=0.25),
+    "uniform-layer": lv.UniformDrop(layer=1, keep_ratio=0.5),
     # test-only methods (tests/plugin_methods.py), one of each kind the engine hosts
     "insert": InsertSummary(layer=2, count=2),
     "input": EveryOtherFeature(step=2),
@@ -36,6 +40,8 @@ NOOPS = {
     "fastv": lv.FastV(layer=2, keep_ratio=1.0),
     "pdrop": lv.PyramidDrop(layers=(1, 2, 3), keep_ratios=(1.0, 1.0, 1.0)),
     "vcc": lv.VisualContextCompression(layer=2, stride=1),
+    "random": lv.RandomDrop(keep_ratio=1.0),
+    "uniform": lv.UniformDrop(layer=2, keep_ratio=1.0),
     "insert": InsertSummary(count=0),
     "input": EveryOtherFeature(step=1),
     "runner": FrozenVisual(start=2, end=2),
@@ -43,7 +49,13 @@ NOOPS = {
     "vision": DampenVision(factor=1.0),
     "decode": CountingDecoder(enabled=False),
 }
-DROPPING = (lv.FastV, lv.PyramidDrop, EveryOtherFeature)  # checked against the masking oracle
+DROPPING = (
+    lv.FastV,
+    lv.PyramidDrop,
+    lv.RandomDrop,
+    lv.UniformDrop,
+    EveryOtherFeature,
+)  # checked against the masking oracle
 
 matrix = pytest.mark.parametrize("adapter", ADAPTERS)
 methods = pytest.mark.parametrize("method", list(METHODS.values()), ids=list(METHODS))

@@ -4,7 +4,7 @@ from . import adapters as _adapters  # noqa: F401  (registers the adapters)
 from . import generation
 from .api import Applied, apply, last_report, remove
 from .errors import CompatError, ConfigError, IncompatibleMethodsError, LeanVLMError, UnsupportedModelError
-from .methods import FastV, Method, PyramidDrop, VisualContextCompression
+from .methods import FastV, Method, PyramidDrop, RandomDrop, UniformDrop, VisualContextCompression
 from .methods.spec import parse_method
 from .modules import load_modules, prepare, save_modules
 from .registry import METHODS
@@ -22,7 +22,9 @@ __all__ = [
     "LeanVLMError",
     "Method",
     "PyramidDrop",
+    "RandomDrop",
     "StagedSchedule",
+    "UniformDrop",
     "UnsupportedModelError",
     "VisualContextCompression",
     "apply",
