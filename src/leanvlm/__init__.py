@@ -4,7 +4,7 @@ from . import adapters as _adapters  # noqa: F401  (registers the adapters)
 from . import generation
 from .api import Applied, apply, last_report, remove
 from .errors import CompatError, ConfigError, IncompatibleMethodsError, LeanVLMError, UnsupportedModelError
-from .methods import FastV, Method, PyramidDrop, RandomDrop, UniformDrop, VisualContextCompression
+from .methods import DivPrune, FastV, Method, PyramidDrop, RandomDrop, UniformDrop, VisualContextCompression
 from .methods.spec import parse_method
 from .modules import load_modules, prepare, save_modules
 from .registry import METHODS
@@ -17,6 +17,7 @@ __all__ = [
     "Applied",
     "CompatError",
     "ConfigError",
+    "DivPrune",
     "FastV",
     "IncompatibleMethodsError",
     "LeanVLMError",

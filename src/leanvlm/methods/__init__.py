@@ -2,8 +2,17 @@
 
 from .base import Method
 from .baselines import RandomDrop, UniformDrop
+from .divprune import DivPrune
 from .fastv import FastV
 from .llavolta import VisualContextCompression
 from .pyramiddrop import PyramidDrop
 
-__all__ = ["FastV", "Method", "PyramidDrop", "RandomDrop", "UniformDrop", "VisualContextCompression"]
+__all__ = [
+    "DivPrune",
+    "FastV",
+    "Method",
+    "PyramidDrop",
+    "RandomDrop",
+    "UniformDrop",
+    "VisualContextCompression",
+]
