@@ -70,6 +70,7 @@ def test_kept_tokens_equal_the_selection_on_the_input_embeddings(adapter):
         model(**inputs)
         kept = applied.trace.kept_visual[-1][0]
         per_layer = applied.trace.visual_per_layer[0]
+        report = lv.last_report(model)
     adapter_ = lv.registry.find_adapter(model)
     visual = adapter_.visual_mask(inputs["input_ids"], None)[0]
     runs, start = [], None
@@ -86,6 +87,10 @@ def test_kept_tokens_equal_the_selection_on_the_input_embeddings(adapter):
         expected += [run[i] for i in max_min_select(feats, round(0.3 * len(run)), resolution=1e-5).tolist()]
     assert kept.tolist() == expected
     assert per_layer == [len(expected)] * 5 == method.visual_schedule(5, [len(r) for r in runs])
+    d = seen["embeds"].shape[-1]
+    cost = sum(2 * len(r) ** 2 * d + 3 * len(r) * d + 2 * round(0.3 * len(r)) * len(r) for r in runs)
+    assert report.selection == cost and report.summary()["selection_flops"] == cost
+    assert report.summary()["visual_tokens_in"] == sum(len(r) for r in runs)  # what the projector made
 
 
 @pytest.mark.parametrize(

@@ -148,6 +148,10 @@ class FlopsReport:
     decode_flops_per_token: int
     dtype_bytes: int
     scoring: int = 0
+    #: selection work outside the layers (e.g. DivPrune's distances)
+    selection: int = 0
+    #: visual tokens the projector produced (more than layer 0's after a method before the LLM)
+    visual_in: int | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -156,8 +160,8 @@ class FlopsReport:
 
     @property
     def prefill_total(self) -> int:
-        """Real FLOPs of the prefill: vision tower, projector, LLM layers, ranking, LM head."""
-        return self.vision + self.projector + self.llm + self.scoring + self.lm_head
+        """Real FLOPs of the prefill: vision tower, projector, LLM layers, ranking, selection, LM head."""
+        return self.vision + self.projector + self.llm + self.scoring + self.selection + self.lm_head
 
     @property
     def paper_total(self) -> int:
@@ -174,9 +178,10 @@ class FlopsReport:
             "vision_flops": self.vision + self.projector,
             "lm_head_flops": self.lm_head,
             "scoring_flops": self.scoring,
+            "selection_flops": self.selection,
             "paper_flops": self.paper_total,
             "equivalent_tokens": round(self.equivalent_tokens, 2),
-            "visual_tokens_in": self.layers[0].visual,
+            "visual_tokens_in": self.layers[0].visual if self.visual_in is None else self.visual_in,
             "visual_tokens_last_layer": self.layers[-1].visual,
             "kv_bytes": self.kv_bytes,
             "decode_flops_per_token": self.decode_flops_per_token,
@@ -198,7 +203,8 @@ class FlopsReport:
             "",
             f"real FLOPs (2 per multiply-add, whole prompt): {fmt_flops(self.prefill_total)} = "
             f"vision tower + projector {fmt_flops(self.vision + self.projector)} ({self.images} image(s)) "
-            f"+ LLM {fmt_flops(self.llm)} + ranking {fmt_flops(self.scoring)} + LM head {fmt_flops(self.lm_head)}",
+            f"+ LLM {fmt_flops(self.llm)} + ranking {fmt_flops(self.scoring)} + selection "
+            f"{fmt_flops(self.selection)} + LM head {fmt_flops(self.lm_head)}",
             *self.notes,
             f"paper FLOPs (PyramidDrop convention: 1 per multiply-add, visual tokens, LLM layers): "
             f"{fmt_flops(self.paper_total)}",
@@ -226,6 +232,7 @@ def report(
     vision_sequences: list[int] | None = None,
     scoring: list[tuple[int, int]] = (),
     input_visual: int | None = None,
+    selection: int = 0,
 ) -> FlopsReport:
     """FLOPs of one sample's prefill given what each layer processed (tokens incl. visual).
 
@@ -272,6 +279,8 @@ def report(
         decode_flops_per_token=per_token,
         dtype_bytes=dtype_bytes,
         scoring=sum(scoring_flops(t, n, q) for n, q in scoring),
+        selection=selection,
+        visual_in=input_visual,
     )
 
 
@@ -304,6 +313,7 @@ def from_trace(
         vision_sequences=vision_sequences,
         scoring=trace.scoring_counts(sample),
         input_visual=input_visual,
+        selection=trace.selection_flops(sample),
     )
     if (
         shape.vision is not None

@@ -91,6 +91,12 @@ class Context:
         s = self.state
         return call.image_ids.gather(1, s.orig).masked_fill(~s.visual, -1)
 
+    def add_cost(self, what: str, flops) -> None:
+        """Record the FLOPs [B] (per sample) of selection work the method did outside the layers, so that
+        reports count it (not in recomputations of uncached generation)."""
+        if not self._call.recompute:
+            self._engine.trace.selection.append((what, torch.as_tensor(flops)))
+
     # --- attention from query rows --------------------------------------------------------------------
     def query_slots(self, query: str = "last") -> tuple[torch.Tensor, torch.Tensor]:
         """(slots [B, Q], weight [B, Q]) of the query rows: the last prompt token ("last"), the prompt's

@@ -62,6 +62,9 @@ class Trace:
     num_layers: int
     stages: list[StageRecord] = field(default_factory=list)
     scoring: list[ScoreRecord] = field(default_factory=list)
+    #: the FLOPs a method's own selection computed per sample outside the layers (e.g. DivPrune's
+    #: distance matrix), as (what, [B] FLOPs)
+    selection: list[tuple[str, torch.Tensor]] = field(default_factory=list)
     #: the decode steps since the last prefill
     decode: list[DecodeRecord] = field(default_factory=list)
     #: the vision-related inputs of the last prefill (image sizes / grids), for vision FLOPs
@@ -78,6 +81,7 @@ class Trace:
     def reset(self) -> None:
         self.stages = []
         self.scoring = []
+        self.selection = []
         self.decode = []
         self.vision_inputs = None
         self.prefills += 1
@@ -123,6 +127,10 @@ class Trace:
     def scoring_counts(self, sample: int) -> list[tuple[int, int]]:
         """(tokens, query rows) of every ranking computation of ``sample``, for FLOPs accounting."""
         return [(int(r.tokens[sample]), int(r.queries[sample])) for r in self.scoring]
+
+    def selection_flops(self, sample: int) -> int:
+        """FLOPs of the methods' own selection work for ``sample`` (outside the decoder layers)."""
+        return int(sum(int(flops[sample]) for _, flops in self.selection))
 
     @property
     def batch_size(self) -> int:

@@ -50,6 +50,9 @@ class DivPrune(Method):
           token is excluded explicitly (the reference relies on its self-distance being about 0, which
           can select a duplicate twice).
         - The last prompt token is never dropped (it is kept on top of the budget when it is visual).
+
+    Its own cost (per image the Gram matrix, 2*N*N*D FLOPs, the norms and the greedy steps) is counted as
+    "selection" in the reports built from the trace. The vision tower still runs in full.
     """
 
     keep_ratio: float = 0.098
@@ -83,6 +86,7 @@ class DivPrune(Method):
             s, hidden = ctx.state, ctx.hidden
             images = ctx.image_ids().tolist()
             keep = ~s.visual
+            cost = torch.zeros(len(images), dtype=torch.long)
             for b, row in enumerate(images):
                 slots: dict[int, list[int]] = {}
                 for j, img in enumerate(row):
@@ -93,6 +97,9 @@ class DivPrune(Method):
                     features = hidden[b, index].detach().float()
                     chosen = max_min_select(features, self.keep_count(len(idx)), resolution=RESOLUTION)
                     keep[b, index[chosen]] = True
+                    n, d = features.shape
+                    cost[b] += 2 * n * n * d + 3 * n * d + 2 * len(chosen) * n  # Gram, norms, greedy
+            ctx.add_cost("DivPrune distances", cost)
             last = ctx.last_prompt_slot()
             keep |= (s.slots == last) & (last >= 0)  # generation continues from it
             return Keep(keep, compact=compact)
