@@ -13,7 +13,7 @@ from plugin_methods import CountingDecoder, DampenVision, EveryOtherFeature, Fro
 from test_invariants import METHODS, NOOPS
 
 import leanvlm as lv
-from leanvlm.engine import Insert, Keep, Step, Vision
+from leanvlm.engine import Insert, Keep, Merge, Step, Vision
 from leanvlm.engine.edits import apply_edit
 from leanvlm.engine.state import TokenState
 from leanvlm.methods.base import Method
@@ -187,6 +187,11 @@ def test_edits_check_their_tensors():
     h = torch.randn(1, 4, 8)
     with pytest.raises(lv.LeanVLMError, match="Keep.keep: got a torch.int64 tensor"):
         apply_edit(Keep(torch.ones(1, 4, dtype=torch.long)), h, s, None)
+    chain = torch.tensor([[0, 0, 1, 3]])  # slot 2 points at slot 1, which does not lead itself
+    with pytest.raises(
+        lv.LeanVLMError, match=r"sample 0, slot 2 points at 1; each slot must point at a slot in \[0, 3\]"
+    ):
+        apply_edit(Merge(chain), h, s, None)
     with pytest.raises(lv.LeanVLMError, match="after the last slot"):
         apply_edit(Insert(torch.randn(1, 1, 8), torch.tensor([[3]])), h, s, None)
     h2, s2, changed = apply_edit(Insert(torch.randn(1, 2, 8), torch.tensor([[0, 0]])), h, s, None)

@@ -97,6 +97,17 @@ class Context:
         if not self._call.recompute:
             self._engine.trace.selection.append((what, torch.as_tensor(flops)))
 
+    def image_slots(self) -> list[dict[int, list[int]]]:
+        """Per sample: each image's visual slots, in order ({image: [slot, ...]}; see :meth:`image_ids`)."""
+        out = []
+        for row in self.image_ids().tolist():
+            slots: dict[int, list[int]] = {}
+            for j, img in enumerate(row):
+                if img >= 0:
+                    slots.setdefault(img, []).append(j)
+            out.append(slots)
+        return out
+
     # --- attention from query rows --------------------------------------------------------------------
     def query_slots(self, query: str = "last") -> tuple[torch.Tensor, torch.Tensor]:
         """(slots [B, Q], weight [B, Q]) of the query rows: the last prompt token ("last"), the prompt's

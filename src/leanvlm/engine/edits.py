@@ -109,8 +109,14 @@ def _merge(edit: Merge, hidden, s: TokenState, rotary):
     own = s.slots
     if bool((leader == own).all()):
         return hidden, s, False
-    if bool(((leader < 0) | (leader >= n)).any()) or bool((leader.gather(1, leader) != leader).any()):
-        raise LeanVLMError("Merge.leader: every slot must point at a leader slot that leads itself")
+    bad = (leader < 0) | (leader >= n)
+    bad |= ~bad & (leader.clamp(0, n - 1).gather(1, leader.clamp(0, n - 1)) != leader)
+    if bool(bad.any()):
+        row, slot = (int(v) for v in bad.nonzero()[0])
+        raise LeanVLMError(
+            f"Merge.leader: sample {row}, slot {slot} points at {int(leader[row, slot])}; each slot must point "
+            f"at a slot in [0, {n - 1}] that leads itself"
+        )
     ones = torch.ones(b, n, 1, dtype=hidden.dtype, device=hidden.device)
     counts = torch.zeros_like(ones).scatter_add_(1, leader[..., None], ones)  # [B, n, 1]
     keep = leader == own

@@ -84,14 +84,10 @@ class DivPrune(Method):
 
         def select(ctx):
             s, hidden = ctx.state, ctx.hidden
-            images = ctx.image_ids().tolist()
+            images = ctx.image_slots()
             keep = ~s.visual
             cost = torch.zeros(len(images), dtype=torch.long)
-            for b, row in enumerate(images):
-                slots: dict[int, list[int]] = {}
-                for j, img in enumerate(row):
-                    if img >= 0:
-                        slots.setdefault(img, []).append(j)
+            for b, slots in enumerate(images):
                 for idx in slots.values():
                     index = torch.tensor(idx, device=hidden.device)
                     features = hidden[b, index].detach().float()

@@ -106,11 +106,7 @@ class VisualContextCompression(Method):
         last = ctx.last_prompt_slot()[:, 0].tolist()
         image = ctx.image_ids().tolist()
         side = math.isqrt(self.stride)
-        for bi in range(b):
-            members: dict[int, list[int]] = {}
-            for j, img in enumerate(image[bi]):
-                if img >= 0:
-                    members.setdefault(img, []).append(j)
+        for bi, members in enumerate(ctx.image_slots()):
             for img, idx in members.items():
                 length = len(idx)
                 if grid is None:
