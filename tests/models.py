@@ -87,3 +87,19 @@ PROMPTS = [
     ("Read the text on the sign.", 0),
     ("What color is the car in the two pictures?", 2),
 ]
+
+
+def llm_input(model, inputs) -> torch.Tensor:
+    """The stock model's ``inputs_embeds`` at the language model's input (image features merged in)."""
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen.setdefault("embeds", kwargs["inputs_embeds"].detach().clone())
+
+    hook = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        hook.remove()
+    return seen["embeds"]

@@ -99,7 +99,10 @@ def test_generate_text_output_two_images(capsys, saved_model):
             ["--method", "fastv:layers=3"],
             "FastV: unknown argument(s) layers; allowed: keep_ratio, keep_tokens, layer",
         ),
-        (["--method", "warpdrive"], "unknown method 'warpdrive'; registered methods: divprune, fastv"),
+        (
+            ["--method", "warpdrive"],
+            "unknown method 'warpdrive'; registered methods: cdpruner, divprune, fastv",
+        ),
         (["--method", "fastv:2"], "method argument '2' is not of the form key=value"),
         (["--image", "/nonexistent.png"], "--image '/nonexistent.png' cannot be read as an image"),
         (["--max-new-tokens", "0"], "--max-new-tokens=0 must be >= 1"),

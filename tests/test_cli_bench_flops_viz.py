@@ -104,6 +104,8 @@ def test_bench_writes_table_json_and_plot(capsys, bench_run):
     assert labels == [
         "none (unmodified model)",
         "none (leanvlm, no method)",
+        "cdpruner @ default",
+        "cdpruner @ 0.8",
         "divprune @ default",
         "divprune @ 0.8",
         "fastv @ default",
@@ -155,11 +157,11 @@ def test_bench_bad_arguments(capsys, argv, message):
 
 def test_matched_budgets_give_matched_equivalent_tokens():
     configs = build_configs(None, parse_budgets("0.5"), 32)
-    divprune, fastv, pdrop, random, uniform, vcc = (c.methods[0] for c in configs[2:])
-    for method in (divprune, fastv, pdrop, random, uniform):
+    cdpruner, divprune, fastv, pdrop, random, uniform, vcc = (c.methods[0] for c in configs[2:])
+    for method in (cdpruner, divprune, fastv, pdrop, random, uniform):
         visual = method.visual_schedule(32, [576])
         assert sum(visual) / 32 == pytest.approx(288, abs=2)
-    assert configs[4].methods[0] == lv.PyramidDrop.at_budget(0.5, 32)
+    assert pdrop == lv.PyramidDrop.at_budget(0.5, 32)
     pooled = (2 * 576 + 30 * -(-576 // vcc.stride)) / 32  # pooling strides are integers: close, not exact
     assert pooled == pytest.approx(288, rel=0.1)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import PROMPTS, build, make_inputs
+from models import PROMPTS, build, llm_input, make_inputs
 
 import leanvlm as lv
 from leanvlm.ops.diversity import max_min_select
@@ -56,15 +56,7 @@ def test_properties():
 def test_kept_tokens_equal_the_selection_on_the_input_embeddings(adapter):
     model, proc = build(adapter, num_layers=5)
     inputs = make_inputs(proc, PROMPTS[3:4])  # two images: each keeps its own share
-    seen = {}
-
-    def grab(module, args, kwargs):
-        seen.setdefault("embeds", kwargs["inputs_embeds"].detach().clone())
-
-    hook = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
-    with torch.no_grad():
-        model(**inputs)
-    hook.remove()
+    embeds = llm_input(model, inputs)
     method = lv.DivPrune(keep_ratio=0.3)
     with lv.apply(model, method) as applied, torch.no_grad():
         model(**inputs)
@@ -83,11 +75,11 @@ def test_kept_tokens_equal_the_selection_on_the_input_embeddings(adapter):
     assert len(runs) == 2
     expected = []
     for run in runs:
-        feats = seen["embeds"][0, run].float()
+        feats = embeds[0, run].float()
         expected += [run[i] for i in max_min_select(feats, round(0.3 * len(run)), resolution=1e-5).tolist()]
     assert kept.tolist() == expected
     assert per_layer == [len(expected)] * 5 == method.visual_schedule(5, [len(r) for r in runs])
-    d = seen["embeds"].shape[-1]
+    d = embeds.shape[-1]
     cost = sum(2 * len(r) ** 2 * d + 3 * len(r) * d + 2 * round(0.3 * len(r)) * len(r) for r in runs)
     assert report.selection == cost and report.summary()["selection_flops"] == cost
     assert report.summary()["visual_tokens_in"] == sum(len(r) for r in runs)  # what the projector made
@@ -97,7 +89,7 @@ def test_kept_tokens_equal_the_selection_on_the_input_embeddings(adapter):
     "make, message",
     [
         (lambda: lv.DivPrune(keep_ratio=0), r"DivPrune: keep_ratio=0 is outside \(0, 1\]"),
-        (lambda: lv.DivPrune(keep_tokens=-1), r"DivPrune: keep_tokens=-1 must be an int >= 0"),
+        (lambda: lv.DivPrune(keep_tokens=-1), r"DivPrune: keep_tokens=-1 must be an int >= 1"),
         (lambda: lv.parse_method("divprune:positions=middle"), r"DivPrune: positions='middle' is not one of"),
     ],
 )

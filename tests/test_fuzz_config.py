@@ -190,8 +190,9 @@ def names_any(message: str, names) -> bool:
 
 
 def run_applied(tiny, method) -> str:
-    """``method`` (accepted by its constructor) is applied and runs one forward pass, or ``apply``
-    refuses it with a leanvlm error naming one of its arguments."""
+    """``method`` (accepted by its constructor) is applied and runs one forward pass, or ``apply`` (or the
+    forward, for a budget the input can not meet) refuses it with a leanvlm error naming one of its
+    arguments."""
     model, inputs = tiny
     fields = [f.name for f in dataclasses.fields(method)]
     try:
@@ -201,7 +202,13 @@ def run_applied(tiny, method) -> str:
         return "refused by apply"
     try:
         with torch.no_grad():
-            out = model(**inputs)
+            try:
+                out = model(**inputs)
+            except lv.ConfigError as err:  # a budget the input can not meet (more tokens than an image has)
+                assert names_any(str(err), fields), (
+                    f"the forward's error names no argument of {method.describe()}: {err}"
+                )
+                return "refused by the input"
         assert out.logits.shape[0] == inputs["input_ids"].shape[0]
         assert torch.isfinite(out.logits).all(), f"non-finite logits with {method.describe()}"
         return "ran"

@@ -25,6 +25,10 @@ METHODS = {
     "vcc-2d-first": lv.VisualContextCompression(layer=1, stride=4, pool="2d", merge_position="first"),
     "divprune": lv.DivPrune(keep_ratio=0.3),
     "divprune-tokens-original": lv.DivPrune(keep_tokens=3, positions="original"),
+    "cdpruner": lv.CDPruner(keep_ratio=0.3),
+    "cdpruner-prompt-theta-original": lv.CDPruner(
+        keep_tokens=3, text="prompt", negate=True, theta=0.5, positions="original"
+    ),
     "random": lv.RandomDrop(keep_ratio=0.5, seed=3),
     "random-layer-compact": lv.RandomDrop(layer=2, keep_tokens=5, positions="compact"),
     "uniform": lv.UniformDrop(keep_ratio=0.25),
@@ -43,6 +47,7 @@ NOOPS = {
     "pdrop": lv.PyramidDrop(layers=(1, 2, 3), keep_ratios=(1.0, 1.0, 1.0)),
     "vcc": lv.VisualContextCompression(layer=2, stride=1),
     "divprune": lv.DivPrune(keep_ratio=1.0),
+    "cdpruner": lv.CDPruner(keep_ratio=1.0),
     "random": lv.RandomDrop(keep_ratio=1.0),
     "uniform": lv.UniformDrop(layer=2, keep_ratio=1.0),
     "insert": InsertSummary(count=0),
@@ -53,6 +58,7 @@ NOOPS = {
     "decode": CountingDecoder(enabled=False),
 }
 DROPPING = (
+    lv.CDPruner,
     lv.DivPrune,
     lv.FastV,
     lv.PyramidDrop,

@@ -4,7 +4,16 @@ from . import adapters as _adapters  # noqa: F401  (registers the adapters)
 from . import generation
 from .api import Applied, apply, last_report, remove
 from .errors import CompatError, ConfigError, IncompatibleMethodsError, LeanVLMError, UnsupportedModelError
-from .methods import DivPrune, FastV, Method, PyramidDrop, RandomDrop, UniformDrop, VisualContextCompression
+from .methods import (
+    CDPruner,
+    DivPrune,
+    FastV,
+    Method,
+    PyramidDrop,
+    RandomDrop,
+    UniformDrop,
+    VisualContextCompression,
+)
 from .methods.spec import parse_method
 from .modules import load_modules, prepare, save_modules
 from .registry import METHODS
@@ -15,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "METHODS",
     "Applied",
+    "CDPruner",
     "CompatError",
     "ConfigError",
     "DivPrune",

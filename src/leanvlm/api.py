@@ -142,6 +142,13 @@ def compose(methods) -> tuple[Method, ...]:
                 f"at most one {label} method at a time; got {type(a).__name__}, {type(b).__name__} "
                 "(methods that share a stage must both declare composes=True)"
             )
+    before = [m for m in ordered if m.stage in ("vision", "input") and m.changes_length]
+    for a, b in itertools.pairwise(before):
+        if not (a.composes and b.composes):
+            raise IncompatibleMethodsError(
+                f"at most one method that reduces visual tokens before the LLM at a time; got "
+                f"{type(a).__name__}, {type(b).__name__} (compose one of them with an in-LLM method instead)"
+            )
     return tuple(ordered)
 
 

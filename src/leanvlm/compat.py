@@ -339,3 +339,22 @@ def checkpointing_active(layer) -> bool:
     return (
         bool(getattr(layer, "gradient_checkpointing", False)) and layer.training and torch.is_grad_enabled()
     )
+
+
+# 5.18-5.24: a CLIP-style vision encoder layer computes ``self_attn(layer_norm1(x))`` with separate
+# q_proj / k_proj (num_heads, head_dim, scale on the attention module) and no positional terms inside.
+def vision_query_key(layer, hidden: torch.Tensor, query_rows: int = 1):
+    """(q [B, H, query_rows, Dh] of the first ``query_rows`` tokens, k [B, H, N, Dh] of every token,
+    scale) as the CLIP-style vision encoder ``layer`` computes them from its input ``hidden`` [B, N, D]."""
+    attn = getattr(layer, "self_attn", None)
+    needed = ("q_proj", "k_proj", "num_heads", "head_dim", "scale")
+    if attn is None or not hasattr(layer, "layer_norm1") or not all(hasattr(attn, n) for n in needed):
+        raise fail(
+            f"{type(layer).__name__} is not a CLIP-style encoder layer (layer_norm1, self_attn with "
+            "q_proj / k_proj / num_heads / head_dim / scale)"
+        )
+    b, n, _ = hidden.shape
+    x = layer.layer_norm1(hidden)
+    q = attn.q_proj(x[:, :query_rows]).view(b, query_rows, attn.num_heads, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(b, n, attn.num_heads, attn.head_dim).transpose(1, 2)
+    return q, k, attn.scale

@@ -338,6 +338,15 @@ def schedule_counts(method, num_layers: int, n_visual: int, n_text: int) -> tupl
     return [n_text + v + e for v, e in zip(visual, extra, strict=True)], visual
 
 
+def schedule_selection(method, images: list[int], hidden: int, n_text: int) -> int:
+    """FLOPs of the selection work ``method`` does outside the layers for one prompt whose images have
+    ``images`` visual tokens each (a method that reads the instruction is counted with all ``n_text``
+    text tokens: an upper bound)."""
+    if method is None or method.is_noop:
+        return 0
+    return method.selection_flops(images, hidden, n_text)
+
+
 def schedule_scoring(method, tokens_per_layer: list[int], n_text: int) -> list[tuple[int, int]]:
     """(tokens, query rows) of each ranking step ``method``'s schedule implies for one prompt: a ranking
     on layer s's input sees what layer s-1 processed (before any edit at s)."""

@@ -82,6 +82,10 @@ def run(args) -> int:
             images=args.images,
             dtype_bytes=dtype_bytes,
             scoring=flops.schedule_scoring(method, tokens, args.text_tokens),
+            input_visual=n_visual,
+            selection=flops.schedule_selection(
+                method, [shape.visual_tokens_per_image] * args.images, shape.text.hidden, args.text_tokens
+            ),
         )
         results.append((label, rep))
     if args.json:

@@ -2,12 +2,14 @@
 
 from .base import Method
 from .baselines import RandomDrop, UniformDrop
+from .cdpruner import CDPruner
 from .divprune import DivPrune
 from .fastv import FastV
 from .llavolta import VisualContextCompression
 from .pyramiddrop import PyramidDrop
 
 __all__ = [
+    "CDPruner",
     "DivPrune",
     "FastV",
     "Method",

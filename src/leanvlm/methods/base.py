@@ -110,6 +110,12 @@ class Method:
         """The layers whose input an attention ranking is computed on (FLOPs of the ranking)."""
         return []
 
+    def selection_flops(self, images: list[int], hidden: int, text_tokens: int) -> int:
+        """FLOPs of selection work outside the layers (``ctx.add_cost``) for one sample whose images have
+        ``images`` visual tokens each, ``hidden`` the LLM's width, ``text_tokens`` the prompt's text
+        tokens (what ``leanvlm flops`` counts without running the model; the trace must match it)."""
+        return 0
+
     def extra_tokens(self, num_layers: int, images: list[int]) -> list[int]:
         """Tokens each layer processes beyond the input's text and visual ones (inserted tokens)."""
         return [0] * num_layers

@@ -1,0 +1,82 @@
+"""Before the LLM: composing a pre-LLM selection with an in-LLM method (the in-LLM one sees the reduced
+span; the trace and FLOPs count both), pairs that can not compose, and the selection's cost in
+``leanvlm flops``."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+from models import build, make_inputs
+
+import leanvlm as lv
+from leanvlm.cli.main import main
+
+
+@pytest.mark.parametrize("first", [lv.CDPruner(keep_ratio=0.5), lv.DivPrune(keep_ratio=0.5)])
+def test_pre_llm_method_composes_with_pyramiddrop(first):
+    model, proc = build("llava", num_layers=4)
+    inputs = make_inputs(proc, [("What is shown in this image?", 1)])
+    n = int(lv.registry.find_adapter(model).visual_mask(inputs["input_ids"], None).sum())
+    pdrop = lv.PyramidDrop(layers=(1, 2), keep_ratios=(0.5, 0.25))
+    assert [type(m) for m in lv.api.compose((pdrop, first))] == [type(first), lv.PyramidDrop]
+    with lv.apply(model, pdrop, first) as applied, torch.no_grad():  # given in any order: stage order
+        model(**inputs)
+        per_layer = applied.trace.visual_per_layer[0]
+        kept = applied.trace.kept_visual
+        report = lv.last_report(model)
+    after = round(0.5 * n)
+    # PyramidDrop's shares are of what entered the LLM (the selection's output), as the schedules say
+    assert per_layer == [after, int(after * 0.5), int(after * 0.25), int(after * 0.25)]
+    assert per_layer == pdrop.visual_schedule(4, [after])
+    # stages: the input, the selection, PyramidDrop's two drops; each keeps a subset of the one before
+    assert [len(stage[0]) for stage in kept] == [n, *per_layer[:1], per_layer[1], per_layer[2]]
+    assert all(set(b[0].tolist()) <= set(a[0].tolist()) for a, b in itertools.pairwise(kept))
+    summary = report.summary()
+    assert summary["visual_tokens_in"] == n and summary["selection_flops"] > 0
+    assert summary["scoring_flops"] > 0  # PyramidDrop's rankings
+    visual = lv.registry.find_adapter(model).visual_mask(inputs["input_ids"], None)[0]
+    after_image = visual.numel() - 1 - int(visual.nonzero()[-1, 0])  # CDPruner's instruction tokens
+    text = 0 if isinstance(first, lv.DivPrune) else after_image
+    assert summary["selection_flops"] == first.selection_flops(
+        [n], model.config.text_config.hidden_size, text
+    )
+
+
+@pytest.mark.parametrize(
+    "pair, names",
+    [
+        ((lv.DivPrune(), lv.CDPruner()), "DivPrune, CDPruner"),
+        ((lv.RandomDrop(), lv.DivPrune()), "RandomDrop, DivPrune"),
+    ],
+)
+def test_two_pre_llm_methods_are_refused(pair, names):
+    model, _ = build("llava", num_layers=3)
+    with pytest.raises(lv.IncompatibleMethodsError, match=f"at most one .*got {names}"):
+        lv.apply(model, *pair)
+    assert lv.api.handle_of(model) is None
+
+
+def test_flops_command_counts_the_selection(capsys):
+    code = main(["flops", "--method", "divprune:keep_tokens=64", "--method", "cdpruner", "--json"])
+    out = capsys.readouterr().out
+    assert code == 0
+    doc = json.loads(out)
+    div, cdp = doc["methods"]
+    n, d, text = 576, 4096, doc["text_tokens"]
+    assert div["selection_flops"] == 2 * n * n * d + 3 * n * d + 2 * 64 * n
+    k = 64
+    assert (
+        cdp["selection_flops"]
+        == 3 * n * d + 2 * n * n * d + 3 * text * d + 2 * n * text * d + 2 * n * n + 2 * k * k * n
+    )
+    for m in (div, cdp):
+        assert m["visual_tokens_in"] == n and m["layers"][0]["visual"] == 64
+        assert m["vision_flops"] == doc_vision(capsys)  # the tower and projector run in full
+
+
+def doc_vision(capsys):
+    main(["flops", "--method", "none", "--json"])
+    return json.loads(capsys.readouterr().out)["methods"][0]["vision_flops"]
