@@ -118,6 +118,8 @@ def test_bench_writes_table_json_and_plot(capsys, bench_run):
         "uniform @ 0.8",
         "vcc @ default",
         "vcc @ 0.8",
+        "visionzip @ default",
+        "visionzip @ 0.8",
     ]
     for row in doc["rows"]:
         assert set(row) == ROW_KEYS
@@ -157,8 +159,8 @@ def test_bench_bad_arguments(capsys, argv, message):
 
 def test_matched_budgets_give_matched_equivalent_tokens():
     configs = build_configs(None, parse_budgets("0.5"), 32)
-    cdpruner, divprune, fastv, pdrop, random, uniform, vcc = (c.methods[0] for c in configs[2:])
-    for method in (cdpruner, divprune, fastv, pdrop, random, uniform):
+    cdpruner, divprune, fastv, pdrop, random, uniform, vcc, visionzip = (c.methods[0] for c in configs[2:])
+    for method in (cdpruner, divprune, fastv, pdrop, random, uniform, visionzip):
         visual = method.visual_schedule(32, [576])
         assert sum(visual) / 32 == pytest.approx(288, abs=2)
     assert pdrop == lv.PyramidDrop.at_budget(0.5, 32)

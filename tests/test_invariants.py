@@ -29,6 +29,9 @@ METHODS = {
     "cdpruner-prompt-theta-original": lv.CDPruner(
         keep_tokens=3, text="prompt", negate=True, theta=0.5, positions="original"
     ),
+    "visionzip": lv.VisionZip(dominant=4, contextual=2),
+    "visionzip-dominant-original": lv.VisionZip(dominant=5, contextual=0, positions="original"),
+    "visionzip-ratio": lv.VisionZip(keep_ratio=0.4),
     "random": lv.RandomDrop(keep_ratio=0.5, seed=3),
     "random-layer-compact": lv.RandomDrop(layer=2, keep_tokens=5, positions="compact"),
     "uniform": lv.UniformDrop(keep_ratio=0.25),
@@ -48,6 +51,8 @@ NOOPS = {
     "vcc": lv.VisualContextCompression(layer=2, stride=1),
     "divprune": lv.DivPrune(keep_ratio=1.0),
     "cdpruner": lv.CDPruner(keep_ratio=1.0),
+    "visionzip": lv.VisionZip(dominant=10_000, contextual=0),
+    "visionzip-ratio": lv.VisionZip(keep_ratio=1.0),
     "random": lv.RandomDrop(keep_ratio=1.0),
     "uniform": lv.UniformDrop(layer=2, keep_ratio=1.0),
     "insert": InsertSummary(count=0),
@@ -65,7 +70,12 @@ DROPPING = (
     lv.RandomDrop,
     lv.UniformDrop,
     EveryOtherFeature,
-)  # checked against the masking oracle
+)  # checked against the masking oracle (and VisionZip without contextual tokens: a pure drop)
+
+
+def is_drop(method) -> bool:
+    return isinstance(method, DROPPING) or (isinstance(method, lv.VisionZip) and method.contextual == 0)
+
 
 matrix = pytest.mark.parametrize("adapter", ADAPTERS)
 methods = pytest.mark.parametrize("method", list(METHODS.values()), ids=list(METHODS))
@@ -78,7 +88,10 @@ def _skip_unsupported(request):
     params = getattr(request.node, "callspec", None)
     if params is None:
         return
-    method, adapter = params.params.get("method"), params.params.get("adapter")
+    method = params.params.get("method", params.params.get("noop"))
+    adapter = params.params.get("adapter")
+    if adapter in MROPE and isinstance(method, lv.VisionZip):
+        pytest.skip("VisionZip reads a CLS-token tower: refused on Qwen-VL (tested in test_visionzip.py)")
     if adapter in MROPE and getattr(method, "positions", None) == "compact":
         pytest.skip("positions='compact' is refused on M-RoPE models")
     if adapter != "llava" and getattr(method, "pool", None) == "2d":
@@ -265,9 +278,10 @@ def masking_oracle(model, inputs, trace, method):
 @matrix
 @methods
 def test_gather_equals_masking_oracle(adapter, method):
-    if not isinstance(method, DROPPING):
+    if not is_drop(method):
         pytest.skip(
-            "not a drop: merging is checked in test_llavolta.py, inserting / runners in test_engine_plans.py"
+            "not a drop: merging is checked in test_llavolta.py and test_visionzip.py, inserting / runners in "
+            "test_engine_plans.py"
         )
     model, proc = build_for(method, adapter, "eager", num_layers=NUM_LAYERS)
     inputs = make_inputs(proc, PROMPTS)
@@ -283,6 +297,8 @@ def test_gather_equals_masking_oracle(adapter, method):
 @matrix
 @methods
 def test_trace_counts_follow_schedule(adapter, method):
+    if adapter == "llava-next" and isinstance(method, lv.VisionZip):
+        pytest.skip("VisionZip counts per tile on LLaVA-NeXT, not per image (counted in test_visionzip.py)")
     model, proc = build_for(method, adapter, num_layers=NUM_LAYERS)
     inputs = make_inputs(proc, PROMPTS)
     with lv.apply(model, method) as applied:

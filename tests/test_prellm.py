@@ -40,9 +40,8 @@ def test_pre_llm_method_composes_with_pyramiddrop(first):
     visual = lv.registry.find_adapter(model).visual_mask(inputs["input_ids"], None)[0]
     after_image = visual.numel() - 1 - int(visual.nonzero()[-1, 0])  # CDPruner's instruction tokens
     text = 0 if isinstance(first, lv.DivPrune) else after_image
-    assert summary["selection_flops"] == first.selection_flops(
-        [n], model.config.text_config.hidden_size, text
-    )
+    shape = lv.registry.find_adapter(model).model_shape(model.config)
+    assert summary["selection_flops"] == first.selection_flops(shape, [n], text)
 
 
 @pytest.mark.parametrize(

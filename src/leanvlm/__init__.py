@@ -12,6 +12,7 @@ from .methods import (
     PyramidDrop,
     RandomDrop,
     UniformDrop,
+    VisionZip,
     VisualContextCompression,
 )
 from .methods.spec import parse_method
@@ -37,6 +38,7 @@ __all__ = [
     "StagedSchedule",
     "UniformDrop",
     "UnsupportedModelError",
+    "VisionZip",
     "VisualContextCompression",
     "apply",
     "generation",

@@ -358,3 +358,13 @@ def vision_query_key(layer, hidden: torch.Tensor, query_rows: int = 1):
     q = attn.q_proj(x[:, :query_rows]).view(b, query_rows, attn.num_heads, attn.head_dim).transpose(1, 2)
     k = attn.k_proj(x).view(b, n, attn.num_heads, attn.head_dim).transpose(1, 2)
     return q, k, attn.scale
+
+
+# 5.18-5.22: generate() hands the pixels to the first forward, which runs the vision tower; 5.23-5.24:
+# generate() may encode them first (``get_image_features``) and pass ``mm_encoder_outputs`` instead.
+PIXEL_KEYS = ("pixel_values", "pixel_values_videos")
+
+
+def runs_vision_tower(kwargs: dict) -> bool:
+    """Whether a VLM forward with these arguments runs its vision tower (it was handed pixels)."""
+    return any(kwargs.get(k) is not None for k in PIXEL_KEYS)

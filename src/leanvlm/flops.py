@@ -52,6 +52,7 @@ class VisionShape:
     temporal_patch: int = 1  # frames per patch (Qwen2-VL's 3-D patch embedding)
     mlp_matrices: int = 2  # 3 for a gated MLP
     has_cls: bool = True
+    heads: int = 0  # attention heads (0: not known)
 
 
 @dataclass(frozen=True)
@@ -338,13 +339,13 @@ def schedule_counts(method, num_layers: int, n_visual: int, n_text: int) -> tupl
     return [n_text + v + e for v, e in zip(visual, extra, strict=True)], visual
 
 
-def schedule_selection(method, images: list[int], hidden: int, n_text: int) -> int:
+def schedule_selection(method, shape: ModelShape, images: list[int], n_text: int) -> int:
     """FLOPs of the selection work ``method`` does outside the layers for one prompt whose images have
     ``images`` visual tokens each (a method that reads the instruction is counted with all ``n_text``
     text tokens: an upper bound)."""
     if method is None or method.is_noop:
         return 0
-    return method.selection_flops(images, hidden, n_text)
+    return method.selection_flops(shape, images, n_text)
 
 
 def schedule_scoring(method, tokens_per_layer: list[int], n_text: int) -> list[tuple[int, int]]:

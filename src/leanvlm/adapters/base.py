@@ -138,6 +138,27 @@ class Adapter:
         image gives the shape's fixed length."""
         return None
 
+    # --- the vision tower's image features (methods that read the tower: VisionZip) --------------------
+    def feature_layer(self) -> tuple[int, bool]:
+        """(j, cls): the image features are the output of vision encoder layer ``j`` (0-based); ``cls``:
+        they include the CLS token's."""
+        raise UnsupportedModelError(
+            f"{type(self.model).__name__}: reading image features from its vision tower is supported on "
+            "LlavaForConditionalGeneration and LlavaNextForConditionalGeneration"
+        )
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """The model's projector: vision-tower features [..., D_vision] -> the LLM's input space."""
+        raise UnsupportedModelError(f"{type(self.model).__name__}: its projector is not reachable")
+
+    def feature_sources(self, vision_inputs: dict, sequences: int) -> list[torch.Tensor]:
+        """Per image of the batch, in order: [N, 2] long, the (vision-tower sequence, token) each of its N
+        visual tokens is the projected feature of, (-1, -1) for tokens made otherwise (LLaVA-NeXT's row
+        newlines). ``sequences``: how many sequences the tower ran."""
+        raise UnsupportedModelError(
+            f"{type(self.model).__name__}: its visual tokens are not mapped to the tower"
+        )
+
     # --- questions the visualisation asks -------------------------------------------------------------
     def image_grids(self, inputs) -> list[tuple[int, int]]:
         """(rows, cols) of visual tokens of each image of the batch, in order; their tokens are

@@ -1,5 +1,6 @@
 import torch
 
+from ..errors import UnsupportedModelError
 from ..flops import ModelShape, VisionShape
 from ..registry import register_adapter
 from .base import Adapter
@@ -30,6 +31,7 @@ class LlavaAdapter(Adapter):
                 tokens=grid * grid + 1,
                 patch_size=v.patch_size,
                 channels=v.num_channels,
+                heads=v.num_attention_heads,
             ),
             projector=((v.hidden_size * n_feature_layers, t.hidden_size), (t.hidden_size, t.hidden_size)),
             visual_tokens_per_image=per_image,
@@ -55,3 +57,23 @@ class LlavaAdapter(Adapter):
         # Same rule as the model itself when it is given embeddings: placeholders embed to the token's row.
         embed = self.model.get_input_embeddings()(torch.tensor(token_id, device=inputs_embeds.device))
         return (inputs_embeds == embed).all(-1)
+
+    def feature_layer(self) -> tuple[int, bool]:
+        cfg = self.model.config
+        layer = cfg.vision_feature_layer
+        n = len(self.vision_layers)
+        if not isinstance(layer, int) or not -(n + 1) <= layer <= n:
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__}: vision_feature_layer={layer!r}; reading image features from the "
+                "tower needs one layer"
+            )
+        return layer % (n + 1) - 1, cfg.vision_feature_select_strategy == "full"
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        return self.model.model.multi_modal_projector(features)
+
+    def feature_sources(self, vision_inputs: dict, sequences: int) -> list[torch.Tensor]:
+        n = self.model_shape(self.model.config).visual_tokens_per_image
+        first = 0 if self.feature_layer()[1] else 1  # "default" drops the CLS token's feature
+        tokens = torch.arange(first, first + n)
+        return [torch.stack([torch.full_like(tokens, g), tokens], -1) for g in range(sequences)]

@@ -1,5 +1,7 @@
 import dataclasses
 
+import torch
+
 from .. import compat
 from ..errors import UnsupportedModelError
 from ..flops import ModelShape
@@ -56,6 +58,38 @@ class LlavaNextAdapter(LlavaAdapter):
             for size in inputs["image_sizes"].tolist()
         ]
         return [tokens] * sum(crops)
+
+    def feature_sources(self, vision_inputs: dict, sequences: int) -> list[torch.Tensor]:
+        """Base view first (its tile in raster order), then the unpadded grid of the high-resolution tiles
+        row by row, each row closed by a newline token (-1, -1), as the model packs them."""
+        cfg = self.model.config
+        if cfg.vision_feature_select_strategy != "default":
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__}: vision_feature_select_strategy="
+                f"{cfg.vision_feature_select_strategy!r}; AnyRes packing needs 'default'"
+            )
+        tile = cfg.vision_config.image_size
+        side = tile // cfg.vision_config.patch_size
+        out, first = [], 0
+        for height, width in vision_inputs["image_sizes"].tolist():
+            canvas_h, canvas_w = compat.anyres_canvas((height, width), cfg.image_grid_pinpoints)
+            tiles_h, tiles_w = canvas_h // tile, canvas_w // tile
+            rows, cols = range(side * tiles_h), range(side * tiles_w)
+            if width / height > len(cols) / len(rows):  # wider: rows of padding above and below go
+                pad = (len(rows) - int(round(height * (len(cols) / width), 7))) // 2
+                rows = rows[pad : len(rows) - pad]
+            else:
+                pad = (len(cols) - int(round(width * (len(rows) / height), 7))) // 2
+                cols = cols[pad : len(cols) - pad]
+            pairs = [(first, 1 + p) for p in range(side * side)]
+            for r in rows:
+                for c in cols:
+                    crop = first + 1 + (r // side) * tiles_w + c // side
+                    pairs.append((crop, 1 + (r % side) * side + c % side))
+                pairs.append((-1, -1))
+            out.append(torch.tensor(pairs))
+            first += 1 + tiles_h * tiles_w
+        return out
 
     fixed_grid = None  # AnyRes: every image has its own layout
     image_grids = Adapter.image_grids  # AnyRes tiles are not drawn yet: refused with a clear error

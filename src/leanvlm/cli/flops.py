@@ -84,9 +84,14 @@ def run(args) -> int:
             scoring=flops.schedule_scoring(method, tokens, args.text_tokens),
             input_visual=n_visual,
             selection=flops.schedule_selection(
-                method, [shape.visual_tokens_per_image] * args.images, shape.text.hidden, args.text_tokens
+                method, shape, [shape.visual_tokens_per_image] * args.images, args.text_tokens
             ),
         )
+        if method is not None and method.stage in ("vision", "input") and not method.is_noop:
+            rep.notes.append(
+                f"{type(method).__name__}: the vision tower and projector still run on every visual token; 'selection' is "
+                "the method's own work before the LLM"
+            )
         results.append((label, rep))
     if args.json:
         out = {

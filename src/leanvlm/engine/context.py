@@ -42,6 +42,12 @@ class Context:
         return values.gather(1, self.state.orig)
 
     @property
+    def vision_inputs(self) -> dict:
+        """The call's image-layout inputs (``image_sizes``, ``image_grid_thw``, ``video_grid_thw``, where
+        given) and its ``input_ids``."""
+        return self._call.vision_inputs or {}
+
+    @property
     def vision(self) -> dict:
         """What this call's vision steps stored (``VisionContext.store``); empty without images."""
         return self._call.vision

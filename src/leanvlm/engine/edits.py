@@ -27,10 +27,13 @@ Rotary = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor
 @dataclass(frozen=True)
 class Keep:
     """Keep the slots where ``keep`` [B, n] is True. ``compact``: later tokens' RoPE positions are
-    re-numbered over the dropped ones (else every kept token keeps its position)."""
+    re-numbered over the dropped ones (else every kept token keeps its position). ``hidden`` [B, n, D]:
+    the slots' new hidden states, computed by the method (e.g. a kept token that absorbed dropped ones);
+    None keeps them."""
 
     keep: torch.Tensor
     compact: bool = False
+    hidden: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -83,8 +86,11 @@ def _tables(rotary, hidden, pos, state):
 
 def _keep(edit: Keep, hidden, s: TokenState, rotary):
     _check("Keep.keep", edit.keep, s.orig.shape, torch.bool)
+    if edit.hidden is not None:
+        _check("Keep.hidden", edit.hidden, hidden.shape)
+        hidden = edit.hidden
     if not bool((s.valid & ~edit.keep).any()):
-        return hidden, s, False  # nothing real dropped
+        return hidden, s, edit.hidden is not None  # nothing real dropped
     keep = edit.keep & s.valid  # padding and filler slots go too: compact_indices puts fillers in front
     index, present = compact_indices(keep)
     # compact positions: later tokens' ids are lowered by the input tokens dropped before them

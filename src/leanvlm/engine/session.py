@@ -93,6 +93,9 @@ class Engine:
     _call = PerThread()
     #: inside generate(): how many fresh (uncached) forwards of the decoder stack it has run
     _generate_fresh = PerThread()
+    #: inside generate(): its image-layout arguments (generate() may encode the images before its loop
+    #: and leave them out of the forwards); None outside generate()
+    _generate_vision = PerThread()
 
     def __init__(self, adapter, methods=()):
         self._local = threading.local()
@@ -216,9 +219,12 @@ class Engine:
         inputs = kwargs.get("inputs", kwargs.get("input_ids", args[0] if args else None))
         if inputs is None:
             inputs = kwargs.get("inputs_embeds")
-        saved = self.prompt_len, self._generate_fresh  # generate() may run inside prompt_length() or itself
+        # generate() may run inside prompt_length() or itself
+        saved = self.prompt_len, self._generate_fresh, self._generate_vision
         self.prompt_len = inputs.shape[1] if inputs is not None else None
         self._generate_fresh = 0
+        self._generate_vision = {k: kwargs[k] for k in VISION_KEYS if kwargs.get(k) is not None}
+        self._vision_store = {}  # the tower may run before the first forward (transformers >= 5.23)
         if self.decoder is not None and kwargs.get("custom_generate") is None:
             from ..generation import generate as entry
 
@@ -226,7 +232,7 @@ class Engine:
         try:
             return type(model).generate(model, *args, **kwargs)
         finally:
-            self.prompt_len, self._generate_fresh = saved
+            self.prompt_len, self._generate_fresh, self._generate_vision = saved
 
     # --- hooks on the VLM and the top model ----------------------------------------------------------
     def _vlm_pre(self, module, args, kwargs):
@@ -240,8 +246,13 @@ class Engine:
             self._visual = None
             return
         self._visual = self.adapter.visual_mask(input_ids, embeds)
-        self._vision_store = {}  # this call's vision steps write here (the tower runs inside this call)
-        self._vision_inputs = {k: kwargs[k] for k in VISION_KEYS if kwargs.get(k) is not None}
+        in_generate = self._generate_vision is not None
+        if compat.runs_vision_tower(kwargs) or not in_generate:
+            # this call's vision steps write here (the tower runs inside this call); inside generate()
+            # without pixels, the images were encoded before its loop and what their steps stored stands
+            self._vision_store = {}
+        self._vision_inputs = dict(self._generate_vision or {})
+        self._vision_inputs.update({k: kwargs[k] for k in VISION_KEYS if kwargs.get(k) is not None})
         self._vision_inputs["input_ids"] = input_ids if input_ids is not None else embeds[..., 0]
         self._vision_inputs["has_input_ids"] = input_ids is not None
         past = compat.find_cache(args, kwargs)

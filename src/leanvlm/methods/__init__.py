@@ -7,6 +7,7 @@ from .divprune import DivPrune
 from .fastv import FastV
 from .llavolta import VisualContextCompression
 from .pyramiddrop import PyramidDrop
+from .visionzip import VisionZip
 
 __all__ = [
     "CDPruner",
@@ -16,5 +17,6 @@ __all__ = [
     "PyramidDrop",
     "RandomDrop",
     "UniformDrop",
+    "VisionZip",
     "VisualContextCompression",
 ]

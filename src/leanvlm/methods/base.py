@@ -110,10 +110,11 @@ class Method:
         """The layers whose input an attention ranking is computed on (FLOPs of the ranking)."""
         return []
 
-    def selection_flops(self, images: list[int], hidden: int, text_tokens: int) -> int:
-        """FLOPs of selection work outside the layers (``ctx.add_cost``) for one sample whose images have
-        ``images`` visual tokens each, ``hidden`` the LLM's width, ``text_tokens`` the prompt's text
-        tokens (what ``leanvlm flops`` counts without running the model; the trace must match it)."""
+    def selection_flops(self, shape, images: list[int], text_tokens: int) -> int:
+        """FLOPs of selection work outside the layers (``ctx.add_cost``) for one sample of a model of
+        ``shape`` (:class:`leanvlm.flops.ModelShape`) whose images have ``images`` visual tokens each and
+        whose prompt has ``text_tokens`` text tokens (what ``leanvlm flops`` counts without running the
+        model; the trace must match it)."""
         return 0
 
     def extra_tokens(self, num_layers: int, images: list[int]) -> list[int]:

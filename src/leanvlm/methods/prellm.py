@@ -57,8 +57,8 @@ class PerImageSelection(Method):
         """FLOPs of selecting ``k`` of ``n`` tokens of width ``d`` (``text``: text tokens it reads)."""
         raise NotImplementedError
 
-    def selection_flops(self, images: list[int], hidden: int, text_tokens: int) -> int:
-        return sum(self.image_cost(n, hidden, self.keep_count(n), text_tokens) for n in images)
+    def selection_flops(self, shape, images: list[int], text_tokens: int) -> int:
+        return sum(self.image_cost(n, shape.text.hidden, self.keep_count(n), text_tokens) for n in images)
 
     def plan(self, adapter) -> list[Step]:
         compact = self.resolved_positions(adapter.supports_compact_positions) == "compact"

@@ -1,0 +1,277 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import compat
+from ..engine.edits import Keep
+from ..engine.plan import Step, Vision
+from ..errors import ConfigError, LeanVLMError, UnsupportedModelError, check_range, is_int, show
+from ..registry import register_method
+from .base import POSITIONS, Method
+
+#: CLS-attention scores and key similarities are compared at this resolution, so that float noise (a
+#: vision tower run on a batch and on one image differs by about 1e-8) does not decide
+RESOLUTION = 1e-6
+
+
+def _quantise(x: torch.Tensor) -> torch.Tensor:
+    return torch.round(x / RESOLUTION) * RESOLUTION
+
+
+@register_method("visionzip")
+@dataclass(frozen=True)
+class VisionZip(Method):
+    """VisionZip: before the LLM, each image (each tile on LLaVA-NeXT) keeps ``dominant`` tokens, the
+    ones its CLS token attends to most at the feature layer, plus ``contextual`` tokens that merge the
+    rest by key similarity; training-free and text-agnostic.
+
+    Paper: "VisionZip: Longer is Better but Not Necessary in Vision Language Models" (Yang et al., CVPR
+    2025, arXiv 2412.04467). Reference code: https://github.com/dvlab-research/VisionZip
+
+    Per tower sequence (an image, or a tile), at the vision encoder layer whose output is the image
+    features (LLaVA: ``vision_feature_layer=-2``):
+
+    1. CLS attention: ``softmax(q_cls K^T * scale)`` over the sequence, summed over heads (one row of one
+       layer, computed from the layer's own norm and q/k projections: any attention kernel elsewhere).
+    2. Dominant: the ``dominant`` patches with the largest CLS attention.
+    3. Contextual: the other patches in raster order; ``step = max(1, len(rest) // contextual)``, targets
+       ``rest[::step][:contextual]``; each other patch joins the target whose head-mean key is most
+       cosine-similar; a contextual token is ``target + mean(joined)`` in the tower's feature space (the
+       reference's arithmetic: the target is added to the mean, not averaged with it), then projected by
+       the model's projector.
+
+    The LLM receives ``dominant + contextual`` tokens per image (tile), each at its source patch's place
+    (the kept tokens keep their order).
+
+    Args:
+        dominant: dominant tokens per image or tile (>= 1). Default 54 (the reference's headline
+            64-token setting, 54 + 10).
+        contextual: contextual tokens per image or tile (>= 0). Default 10.
+        keep_ratio: None (the counts above), or a share in (0, 1] of each image's (tile's) N tokens:
+            ``k = round(N * keep_ratio)`` tokens, split between contextual and dominant in the ratio of
+            ``contextual : dominant`` (ours: budgets as a share, for matched-budget comparisons; at 64/576
+            with the defaults it is 54 + 10).
+        positions: "auto" (the reference: "compact", the shortened sequence numbered 0..n-1),
+            "original", "compact".
+
+    No-op: ``contextual=0`` and ``dominant`` at least an image's (tile's) visual tokens, or
+    ``keep_ratio=1.0``.
+
+    Differences from the reference:
+        - **CLS.** The reference keeps the CLS token as one of the D dominant tokens (D - 1 patches + CLS).
+          Transformers' LLaVA with ``vision_feature_select_strategy="default"`` (every llava-hf
+          checkpoint) has no CLS feature, so we keep D patches; with ``"full"`` the CLS feature is kept
+          and D - 1 patches, as the reference.
+        - **Order.** The reference hands the LLM [CLS, dominant in raster order, contextual]; ours keeps
+          every token at its source patch's place (a contextual token at its target's).
+        - **LLaVA-NeXT.** Per tile, as the reference, but the tiles stay in the model's own packing:
+          selection is among the patches that survive un-padding, and the row newline tokens are
+          dropped (the reference also adds no newline for the tiles); the reference scatters the tiles'
+          dominant tokens onto the grid and appends all contextual tokens after them, without un-padding.
+        - Ties (scores within 1e-6) go to the earliest patch; every image of every sample is reduced
+          (the reference's list-of-images path is broken).
+        - The last prompt token is never dropped (kept on top of the budget when it is visual).
+        - Qwen2-VL / Qwen2.5-VL (no CLS token, window attention, a 2x2 merger) are not supported: the
+          method raises naming the supported models.
+
+    The vision tower still runs in full (VisionZip only reads it); the extra CLS row, key means, the
+    assignment and the contextual tokens' projection are counted as "selection" in the reports.
+    """
+
+    dominant: int = 54
+    contextual: int = 10
+    keep_ratio: float | None = None
+    positions: str = "auto"
+
+    stage = "vision"
+    needs = ("vision", "image_ids")
+    reference_positions = "compact"
+
+    def __post_init__(self):
+        if not is_int(self.dominant) or self.dominant < 1:
+            raise ConfigError(f"VisionZip: dominant={show(self.dominant)} must be an int >= 1")
+        if not is_int(self.contextual) or self.contextual < 0:
+            raise ConfigError(f"VisionZip: contextual={show(self.contextual)} must be an int >= 0")
+        if self.keep_ratio is not None:
+            check_range("VisionZip", "keep_ratio", self.keep_ratio, 0, 1, low_open=True)
+        self._check_choice("positions", self.positions, POSITIONS)
+
+    @property
+    def is_noop(self) -> bool:
+        # with counts, keeping everything depends on the image's size (counts() then keeps all)
+        return self.keep_ratio == 1.0
+
+    def counts(self, n: int) -> tuple[int, int]:
+        """(dominant, contextual) tokens kept of an image (tile) with ``n`` patches; raises when the
+        contextual tokens do not fit."""
+        if self.keep_ratio is not None:
+            k = max(1, min(n, int(round(self.keep_ratio * n))))
+            if k == n:
+                return n, 0
+            contextual = min(k - 1, int(round(k * self.contextual / (self.dominant + self.contextual))))
+            return k - contextual, contextual
+        if self.contextual == 0:
+            return min(self.dominant, n), 0
+        if self.dominant + self.contextual > n:
+            raise ConfigError(
+                f"VisionZip: dominant + contextual = {self.dominant} + {self.contextual} is more than an image "
+                f"(tile) of this input has ({n} visual tokens); allowed: dominant + contextual <= {n}, or "
+                "contextual=0 to keep min(dominant, n)"
+            )
+        return self.dominant, self.contextual
+
+    def check_adapter(self, adapter) -> None:
+        super().check_adapter(adapter)
+        try:
+            layer, _ = adapter.feature_layer()
+        except UnsupportedModelError as err:
+            raise UnsupportedModelError(f"VisionZip: {err}") from None
+        if layer >= len(adapter.vision_layers) - 1:
+            raise UnsupportedModelError(
+                f"VisionZip: the image features are the vision tower's last layer's output "
+                f"(vision_feature_layer={adapter.model.config.vision_feature_layer}); VisionZip reads them at "
+                "the next layer's input, so it needs a feature layer before the last"
+            )
+
+    def plan(self, adapter) -> list:
+        layer, has_cls = adapter.feature_layer()
+        compact = self.resolved_positions(adapter.supports_compact_positions) == "compact"
+
+        def attention(vctx):
+            module = adapter.vision_layers[vctx.layer]
+            with torch.no_grad():
+                q, k, scale = compat.vision_query_key(module, vctx.hidden.detach())
+                probs = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * scale, -1)  # [S, H, 1, N]
+            vctx.store["visionzip_cls"] = probs[:, :, 0].sum(1)  # [S, N]
+            vctx.store["visionzip_keys"] = k.float().mean(1)  # [S, N, Dh]
+
+        def features(vctx):
+            vctx.store["visionzip_hidden"] = vctx.hidden  # the feature layer's output
+
+        def select(ctx):
+            return self._select(ctx, adapter, has_cls, compact)
+
+        return [Vision(layer, attention), Vision(layer + 1, features), Step(0, select)]
+
+    def _select(self, ctx, adapter, has_cls: bool, compact: bool):
+        s, hidden = ctx.state, ctx.hidden
+        store = ctx.vision
+        if "visionzip_hidden" not in store:
+            raise LeanVLMError(
+                "VisionZip: the input has image tokens but the vision tower did not run in this forward "
+                "(image features passed in precomputed?); VisionZip reads the tower, so pass pixel_values"
+            )
+        tower = store["visionzip_hidden"]
+        cls_attn, keys = store["visionzip_cls"], store["visionzip_keys"]
+        sources = adapter.feature_sources(ctx.vision_inputs, tower.shape[0])
+        keep = ~s.visual
+        new, merged_any = hidden.clone(), False
+        cost = torch.zeros(hidden.shape[0], dtype=torch.long)
+        g = 0  # images of the batch in order: their tower sequences come in the same order
+        for b, images in enumerate(ctx.image_slots()):
+            for idx in images.values():
+                slots = torch.tensor(idx, device=hidden.device)
+                source = sources[g].to(hidden.device) if g < len(sources) else None
+                if source is None or len(source) != len(idx):
+                    raise LeanVLMError(
+                        f"VisionZip: image {g} of the batch has {len(idx)} visual tokens but the vision tower's "
+                        f"layout gives {0 if source is None else len(source)}; the image inputs do not match"
+                    )
+                g += 1
+                for seq in source[:, 0].unique().tolist():
+                    here = source[:, 0] == seq
+                    if seq < 0:  # LLaVA-NeXT's row newlines: kept only where the image loses nothing
+                        keep[b, slots[here]] = bool((source[:, 0] >= 0).sum() <= self._kept_of(source))
+                        continue
+                    chosen, merged, flops = self._one(
+                        tower[seq], cls_attn[seq], keys[seq], source[here, 1], has_cls, adapter
+                    )
+                    where = slots[here]
+                    keep[b, where[chosen]] = True
+                    if merged is not None:
+                        new[b, where[merged[0]]] = merged[1].to(new.dtype)
+                        merged_any = True
+                    cost[b] += flops
+        ctx.add_cost("VisionZip selection", cost)
+        last = ctx.last_prompt_slot()
+        keep |= (s.slots == last) & (last >= 0)  # generation continues from it
+        return Keep(keep, compact=compact, hidden=new if merged_any else None)
+
+    def _kept_of(self, source: torch.Tensor) -> int:
+        """Tokens an image whose tokens come from ``source`` keeps (its newline tokens aside)."""
+        return sum(
+            sum(self.counts(int((source[:, 0] == seq).sum())))
+            for seq in source[:, 0].unique().tolist()
+            if seq >= 0
+        )
+
+    def _one(self, tower, cls_attn, keys, tokens, has_cls: bool, adapter):
+        """One tower sequence whose tokens ``tokens`` [n] (indices into it) are visual tokens of the input:
+        (kept positions among them, (target positions, their new features) or None, FLOPs)."""
+        n = len(tokens)
+        cls_pos = (tokens == 0).nonzero()[:, 0]  # the CLS feature ("full" strategy)
+        patches = (tokens != 0).nonzero()[:, 0]
+        d_keep, c_keep = self.counts(n)
+        d_patches = d_keep - (1 if has_cls and len(cls_pos) else 0)
+        score = _quantise(cls_attn[tokens[patches]])
+        order = torch.sort(score, descending=True, stable=True).indices[:d_patches]
+        dominant = torch.cat([cls_pos, patches[order]]) if has_cls else patches[order]
+        is_rest = torch.ones(n, dtype=torch.bool, device=tokens.device)
+        is_rest[dominant] = False
+        is_rest[cls_pos] = False
+        rest = is_rest.nonzero()[:, 0]
+        projector = adapter.model_shape(adapter.model.config).projector
+        if c_keep == 0 or len(rest) == 0:
+            return dominant, None, self.cost(tower.shape[0], tower.shape[-1], keys.shape[-1], 0, 0, projector)
+        step = max(1, len(rest) // c_keep)
+        targets = rest[::step][:c_keep]
+        others = rest[~torch.isin(rest, targets)]
+        unit = keys[tokens] / keys[tokens].norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        sim = _quantise(unit[others] @ unit[targets].T)  # [others, C]
+        joined = sim.argmax(-1)  # ties: the first target
+        feats = tower[tokens].float()
+        sums = torch.zeros(len(targets), feats.shape[-1], device=feats.device).index_add_(
+            0, joined, feats[others]
+        )
+        sizes = torch.bincount(joined, minlength=len(targets)).clamp_min(1)[:, None]
+        contextual = feats[targets] + sums / sizes  # an empty target stays itself (+ 0)
+        projected = adapter.project(contextual.to(tower.dtype))
+        flops = self.cost(
+            tower.shape[0], tower.shape[-1], keys.shape[-1], len(others), len(targets), projector
+        )
+        return torch.cat([dominant, targets]), (targets, projected), flops
+
+    @staticmethod
+    def cost(n: int, d: int, d_head: int, others: int, c: int, projector) -> int:
+        """FLOPs of one tower sequence of ``n`` tokens of width ``d``: the CLS query and every key
+        (recomputed from the layer's weights), the CLS scores, the head-mean keys; with ``c`` contextual
+        tokens absorbing ``others`` patches: key norms, similarities, the sums and the projector."""
+        flops = 2 * d * d + 2 * n * d * d + 2 * n * d + n * d
+        if c:
+            flops += 3 * n * d_head + 2 * others * c * d_head + (others + c) * d
+            flops += c * sum(2 * a * b for a, b in projector)
+        return flops
+
+    def selection_flops(self, shape, images: list[int], text_tokens: int) -> int:
+        v = shape.vision
+        total = 0
+        for n in images:
+            dom, ctx = self.counts(n)
+            others = n - dom - ctx if ctx else 0
+            total += self.cost(v.tokens, v.hidden, v.hidden // v.heads, others, ctx, shape.projector)
+        return total
+
+    def visual_schedule(self, num_layers: int, images: list[int]) -> list[int]:
+        return [sum(sum(self.counts(n)) for n in images)] * num_layers
+
+    @classmethod
+    def bench_default(cls, num_layers: int) -> VisionZip:
+        return cls(keep_ratio=64 / 576)  # the reference's 54 + 10 of 576, as a share of any model's tokens
+
+    @classmethod
+    def at_budget(cls, budget: float, num_layers: int) -> VisionZip:
+        if not 0 < budget <= 1:
+            raise ConfigError(f"VisionZip: budget={budget} is outside (0, 1]")
+        return cls(keep_ratio=budget)  # before the LLM every layer keeps the same share
