@@ -9,10 +9,19 @@ import json
 
 import pytest
 import torch
-from models import PROMPTS, build, make_inputs
+from models import PROMPTS, build, llm_input, make_inputs
 
 import leanvlm as lv
 from leanvlm.cli.main import main
+
+
+def record(store: dict, key: str, pick):
+    """A hook that keeps ``pick(hook arguments)`` under ``key`` the first time it runs (and changes nothing)."""
+
+    def hook(*args):
+        store.setdefault(key, pick(*args))
+
+    return hook
 
 
 def reference_selection(model, inputs, dominant: int, contextual: int):
@@ -24,7 +33,7 @@ def reference_selection(model, inputs, dominant: int, contextual: int):
     j = model.config.vision_feature_layer % (len(layers) + 1) - 1
     keys = {}
     attn = layers[j].self_attn
-    hook = attn.k_proj.register_forward_hook(lambda m, a, out: keys.setdefault("k", out.detach()))
+    hook = attn.k_proj.register_forward_hook(record(keys, "k", lambda m, a, out: out.detach()))
     with torch.no_grad():
         out = tower(inputs["pixel_values"], output_hidden_states=True, output_attentions=True)
     hook.remove()
@@ -144,10 +153,160 @@ def test_llava_next_layout_matches_the_models_packing_and_counts_per_tile():
         assert per_layer[b] == [want] * 3
 
 
-def test_refused_on_qwen_and_bad_budgets():
-    model, _ = build("qwen2-vl", num_layers=3)
-    with pytest.raises(lv.UnsupportedModelError, match="VisionZip: .*LlavaForConditionalGeneration"):
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], -1)
+
+
+def qwen_reference(model, inputs, dominant: int, contextual: int):
+    """Per frame of the batch's images (raster order of merged tokens): (kept, {target: feature}) by our
+    substitute written out plainly: attention received in the last full-attention block (from the
+    block's own q/k, RoPE applied by hand, softmax per frame), summed per 2x2 group, keys (no RoPE)
+    averaged; the raster order read off the merger's own output."""
+    visual = model.model.visual
+    full = getattr(visual, "fullatt_block_indexes", None)
+    block = visual.blocks[max(full) if full else len(visual.blocks) - 1]
+    seen = {}
+    h1 = block.attn.qkv.register_forward_hook(record(seen, "qkv", lambda m, a, out: out.detach()))
+    h2 = block.register_forward_pre_hook(
+        record(seen, "rope", lambda m, a, kw: kw["position_embeddings"]), with_kwargs=True
+    )
+    h3 = visual.merger.register_forward_pre_hook(record(seen, "last", lambda m, a: a[0].detach()))
+    with torch.no_grad():
+        pooled = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]).pooler_output
+    for h in (h1, h2, h3):
+        h.remove()
+    heads = block.attn.num_heads
+    q, k, _ = seen["qkv"].view(seen["qkv"].shape[0], 3, heads, -1).unbind(1)  # [P, H, Dh]
+    cos, sin = (t.float()[:, None] for t in seen["rope"])
+    q_rot, k_rot = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    with torch.no_grad():
+        merged = visual.merger(seen["last"])
+    # block order -> raster: the merger's output row j is the model's pooled row perm[j]
+    perm = [int((pooled - row).abs().sum(-1).argmin()) for row in merged]
+    assert sorted(perm) == list(range(len(perm)))
+    unit, out, start = 4, [], 0
+    received = torch.zeros(q.shape[0])
+    for t, h, w in inputs["image_grid_thw"].tolist():
+        for _ in range(t):
+            p = h * w
+            scores = torch.einsum("qhd,khd->hqk", q_rot[start : start + p], k_rot[start : start + p])
+            probs = torch.softmax(scores * block.attn.scaling, -1)
+            received[start : start + p] = probs.mean(dim=(0, 1))
+            start += p
+    importance = torch.zeros(len(perm))
+    keys = torch.zeros(len(perm), k.shape[-1])
+    for j, r in enumerate(perm):
+        importance[r] = received[unit * j : unit * j + unit].sum()
+        keys[r] = k[unit * j : unit * j + unit].mean(dim=(0, 1))
+    o = 0
+    for t, h, w in inputs["image_grid_thw"].tolist():
+        for _ in range(t):
+            m = h * w // unit
+            imp, key = importance[o : o + m], torch.nn.functional.normalize(keys[o : o + m], dim=-1)
+            order = sorted(range(m), key=lambda i: (-round(float(imp[i]) / 1e-6), i))
+            dom = sorted(order[:dominant])
+            rest = [i for i in range(m) if i not in dom]
+            targets = rest[:: max(1, len(rest) // contextual)][:contextual]
+            groups = {t_: [] for t_ in targets}
+            for i in rest:
+                if i not in targets:
+                    sims = [round(float(key[i] @ key[t_]) / 1e-6) for t_ in targets]
+                    groups[targets[sims.index(max(sims))]].append(i)
+            out.append((sorted(dom + targets), groups, o))
+            o += m
+    return out
+
+
+@pytest.mark.parametrize("adapter", ["qwen2-vl", "qwen2.5-vl"])
+def test_qwen_substitute_equals_the_plain_computation(adapter):
+    """Two images; at 224 px Qwen2.5-VL's blocks see the 8x8 merged grid in four attention windows."""
+    model, proc = build(adapter, num_layers=3, image_size=224)
+    inputs = make_inputs(proc, [PROMPTS[3]], image_size=224)
+    expected = qwen_reference(model, inputs, dominant=5, contextual=3)
+    embeds = llm_input(model, inputs)[0]
+    hidden, trace = llm_inputs_under(model, lv.VisionZip(dominant=5, contextual=3), inputs)
+    slots = lv.registry.find_adapter(model).visual_mask(inputs["input_ids"], None)[0].nonzero()[:, 0].tolist()
+    want, merged = [], {}
+    for kept, groups, first in expected:
+        want += [slots[first + i] for i in kept]
+        for target, members in groups.items():
+            feat = embeds[slots[first + target]].float()
+            if members:
+                feat = feat + embeds[[slots[first + i] for i in members]].float().mean(0)
+            merged[slots[first + target]] = feat
+    assert trace.kept_visual[-1][0].tolist() == want and len(want) == 8 * len(expected)
+    kept = sorted([j for j in range(embeds.shape[0]) if j not in slots] + want)
+    for slot, feat in merged.items():
+        torch.testing.assert_close(hidden[0, kept.index(slot)].float(), feat, atol=1e-5, rtol=1e-4)
+
+
+def test_qwen_images_and_video_frames_in_one_call():
+    """An image and a 2-frame video (the image's patches) in one prompt: the image keeps D + C, each
+    frame D + C; cached generation equals uncached."""
+    model, proc = build("qwen2-vl", num_layers=3)
+    image = make_inputs(proc, [PROMPTS[0]])
+    tok = proc.tokenizer
+    image_id, video_id = (tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>"))
+    ids = image["input_ids"][0]
+    n = int((ids == image_id).sum())
+    first = int((ids == image_id).nonzero()[0, 0])
+    frames = torch.full((2 * n,), video_id)  # a clip of two frames, each with the image's grid
+    new_ids = torch.cat([ids[: first + n], ids[first - 1 : first], frames, ids[first + n :]])[None]
+    grid = image["image_grid_thw"].clone()
+    video_grid = grid.clone()
+    video_grid[0, 0] = 2
+    pixels = image["pixel_values"]
+    inputs = {
+        "input_ids": new_ids,
+        "attention_mask": torch.ones_like(new_ids),
+        "pixel_values": pixels,
+        "image_grid_thw": grid,
+        "pixel_values_videos": torch.cat([pixels, pixels]),
+        "video_grid_thw": video_grid,
+        "mm_token_type_ids": (new_ids == image_id).to(torch.int32)
+        + 2 * (new_ids == video_id).to(torch.int32),
+    }
+    with lv.apply(model, lv.VisionZip(dominant=2, contextual=1)) as applied:
+        cached = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        per_layer = applied.trace.visual_per_layer[0]
+        uncached = model.generate(**inputs, max_new_tokens=3, do_sample=False, use_cache=False)
+    assert per_layer == [3 * 3] * 3  # the image and each of the two frames: 2 + 1
+    assert torch.equal(cached, uncached)
+
+
+def test_qwen_window_order_is_the_models():
+    """Qwen2.5-VL: the blocks' group j is the merger's output row window_index[j] (compat)."""
+    from leanvlm import compat
+
+    model, proc = build("qwen2.5-vl", num_layers=3, image_size=224)
+    inputs = make_inputs(proc, [PROMPTS[0]], image_size=224)
+    visual = model.model.visual
+    seen = {}
+    hook = visual.merger.register_forward_pre_hook(record(seen, "last", lambda m, a: a[0].detach()))
+    with torch.no_grad():
+        pooled = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]).pooler_output
+        merged = visual.merger(seen["last"])
+    hook.remove()
+    index = compat.qwen_window_index(visual, inputs["image_grid_thw"])
+    assert not torch.equal(index, torch.arange(len(index)))  # windows do reorder at this size
+    torch.testing.assert_close(pooled[index], merged)
+    assert (
+        compat.qwen_window_index(build("qwen2-vl", num_layers=3)[0].model.visual, inputs["image_grid_thw"])
+        is None
+    )
+
+
+def test_refused_when_the_features_are_the_last_layers():
+    model = copy.deepcopy(build("llava", num_layers=3)[0])
+    model.config.vision_feature_layer = -1
+    with pytest.raises(
+        lv.UnsupportedModelError, match=r"VisionZip: .*vision_feature_layer=-1.*before the last"
+    ):
         lv.apply(model, lv.VisionZip())
+
+
+def test_bad_budgets():
     llava, proc = build("llava", num_layers=3)
     inputs = make_inputs(proc, [PROMPTS[0]])
     with (

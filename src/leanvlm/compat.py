@@ -368,3 +368,49 @@ PIXEL_KEYS = ("pixel_values", "pixel_values_videos")
 def runs_vision_tower(kwargs: dict) -> bool:
     """Whether a VLM forward with these arguments runs its vision tower (it was handed pixels)."""
     return any(kwargs.get(k) is not None for k in PIXEL_KEYS)
+
+
+# 5.18-5.24: a Qwen-VL vision block computes ``attn(norm1(x), cu_seqlens=..., position_embeddings=(cos,
+# sin))``; ``attn.qkv`` is one fused projection (q, k, v per head) and the rotary function is
+# ``apply_rotary_pos_emb_vision`` of the block's modeling module. Qwen2.5-VL's blocks see the patches
+# regrouped into attention windows (``transformers.vision_utils.get_vision_window_index``); its merger's
+# output is put back into raster order.
+def qwen_vision_query_key(block, hidden: torch.Tensor, kwargs: dict):
+    """(q, k with RoPE [H, P, Dh], k without RoPE [H, P, Dh], scaling, cu_seqlens) as the Qwen-VL vision
+    ``block`` computes them from its input ``hidden`` [P, D] and call arguments."""
+    import sys
+
+    attn = getattr(block, "attn", None)
+    rotate = getattr(sys.modules[type(block).__module__], "apply_rotary_pos_emb_vision", None)
+    if (
+        attn is None
+        or not hasattr(block, "norm1")
+        or not all(hasattr(attn, n) for n in ("qkv", "num_heads", "scaling"))
+        or rotate is None
+    ):
+        raise fail(
+            f"{type(block).__name__} is not a Qwen-VL vision block (norm1, attn.qkv / num_heads / scaling)"
+        )
+    rope, cu = kwargs.get("position_embeddings"), kwargs.get("cu_seqlens")
+    if rope is None or cu is None:
+        raise fail(f"{type(block).__name__} was called without position_embeddings / cu_seqlens")
+    n = hidden.shape[0]
+    q, k, _ = attn.qkv(block.norm1(hidden)).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    q_rot, k_rot = rotate(q, k, *rope)
+    return q_rot.transpose(0, 1), k_rot.transpose(0, 1), k.transpose(0, 1), attn.scaling, cu
+
+
+def qwen_window_index(visual, grid_thw: torch.Tensor) -> torch.Tensor | None:
+    """Qwen2.5-VL: for each merged group of the blocks' patch order, its index in raster order (None for
+    a tower without attention windows: Qwen2-VL)."""
+    if not hasattr(visual, "window_size") or not hasattr(visual, "fullatt_block_indexes"):
+        return None
+    from transformers.vision_utils import get_vision_window_index
+
+    index, _ = get_vision_window_index(
+        grid_thw,
+        spatial_merge_size=visual.spatial_merge_size,
+        window_size=visual.window_size,
+        patch_size=visual.patch_size,
+    )
+    return index

@@ -60,6 +60,9 @@ class Adapter:
     model_classes: tuple[str, ...] = ()
     #: RoPE positions can be re-numbered (False for M-RoPE, whose ids encode (t, h, w)).
     supports_compact_positions: bool = True
+    #: the vision tower's kind, for methods that read it: "clip" (a CLS token, one sequence per image or
+    #: tile), "qwen" (Qwen-VL: patches of every image in one sequence, 2x2 merged after the blocks)
+    tower: str | None = None
 
     def __init__(self, model: nn.Module):
         self.model = model

@@ -13,6 +13,7 @@ class LlavaAdapter(Adapter):
 
     name = "llava"
     model_classes = ("LlavaForConditionalGeneration",)
+    tower = "clip"
 
     @classmethod
     def model_shape(cls, config) -> ModelShape:

@@ -1,5 +1,6 @@
 import torch
 
+from .. import compat
 from ..errors import UnsupportedModelError
 from ..flops import ModelShape, VisionShape
 from ..registry import register_adapter
@@ -28,6 +29,48 @@ class QwenVLAdapter(Adapter):
     name = "qwen2-vl"
     model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
     supports_compact_positions = False
+    tower = "qwen"
+
+    # --- the vision tower, for methods that read it (VisionZip) --------------------------------------
+    @property
+    def merge_unit(self) -> int:
+        """Patches merged into one visual token (2x2)."""
+        return self.model.config.vision_config.spatial_merge_size**2
+
+    def attention_block(self) -> int:
+        """The last vision block that attends over whole images (frames): Qwen2.5-VL's others attend
+        within windows."""
+        visual = self.model.model.visual
+        full = getattr(visual, "fullatt_block_indexes", None)
+        return max(full) if full else len(visual.blocks) - 1
+
+    def window_index(self, grid: torch.Tensor) -> torch.Tensor | None:
+        """For each merged group of the blocks' patch order, its raster index (None: raster already)."""
+        return compat.qwen_window_index(self.model.model.visual, grid)
+
+    def tower_run(self, vision_inputs: dict, patches: int, done: dict) -> tuple[str, torch.Tensor]:
+        """("image" | "video", its grid_thw) of a run of the tower over ``patches`` patches: images run
+        first, then videos (``done``: the kinds already seen in this call)."""
+        for kind in ("image", "video"):
+            grid = vision_inputs.get(f"{kind}_grid_thw")
+            if kind not in done and grid is not None and int(grid.prod(-1).sum()) == patches:
+                return kind, grid
+        raise UnsupportedModelError(
+            f"{type(self.model).__name__}: a vision tower run over {patches} patches matches neither "
+            "image_grid_thw nor video_grid_thw of the call"
+        )
+
+    def visual_kind(self, token, kinds) -> str:
+        """ "image" or "video" for a visual token ``token`` (None when the input ids are not known: the
+        only kind in ``kinds``)."""
+        if token is None:
+            if len(kinds) != 1:
+                raise UnsupportedModelError(
+                    f"{type(self.model).__name__}: images and videos in one call given as inputs_embeds can "
+                    "not be told apart; pass input_ids"
+                )
+            return next(iter(kinds))
+        return "video" if int(token) == getattr(self.model.config, "video_token_id", None) else "image"
 
     def _visual_ids(self) -> list[int]:
         cfg = self.model.config

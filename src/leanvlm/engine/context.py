@@ -147,10 +147,17 @@ class Context:
 class VisionContext:
     """A vision step's view: ``hidden``, the input of vision encoder layer ``layer`` (CLIP-style towers:
     [sequences, tokens, D], one sequence per image or crop; Qwen-VL: [patches, D], every image's patches
-    concatenated), and ``store``, a dict shared by the call's steps (read later as ``ctx.vision``)."""
+    concatenated), and ``store``, a dict shared by the call's steps (read later as ``ctx.vision``).
+    ``kwargs``: the other keyword arguments the layer is called with (Qwen-VL: ``cu_seqlens``, the
+    rotary ``position_embeddings``); ``vision_inputs``: the call's image layout (``image_grid_thw``,
+    ``video_grid_thw``, ``image_sizes`` where given)."""
 
-    def __init__(self, adapter, layer: int, hidden: torch.Tensor, store: dict):
+    def __init__(
+        self, adapter, layer: int, hidden: torch.Tensor, store: dict, kwargs=None, vision_inputs=None
+    ):
         self.adapter = adapter
         self.layer = layer
         self.hidden = hidden
         self.store = store
+        self.kwargs = kwargs or {}
+        self.vision_inputs = vision_inputs or {}

@@ -224,7 +224,9 @@ class Engine:
         self.prompt_len = inputs.shape[1] if inputs is not None else None
         self._generate_fresh = 0
         self._generate_vision = {k: kwargs[k] for k in VISION_KEYS if kwargs.get(k) is not None}
-        self._vision_store = {}  # the tower may run before the first forward (transformers >= 5.23)
+        # the tower may run before the first forward (transformers >= 5.23): its steps see these
+        self._vision_store = {}
+        self._vision_inputs = dict(self._generate_vision)
         if self.decoder is not None and kwargs.get("custom_generate") is None:
             from ..generation import generate as entry
 
@@ -660,7 +662,10 @@ class Engine:
             self._vision_store = {}
         changed = False
         for step in self.vision_at[layer_idx]:
-            out = step.run(VisionContext(self.adapter, layer_idx, hidden, self._vision_store))
+            vctx = VisionContext(
+                self.adapter, layer_idx, hidden, self._vision_store, kwargs, self._vision_inputs
+            )
+            out = step.run(vctx)
             if out is None:
                 continue
             if not isinstance(out, torch.Tensor) or out.shape != hidden.shape:

@@ -20,12 +20,26 @@ def _quantise(x: torch.Tensor) -> torch.Tensor:
     return torch.round(x / RESOLUTION) * RESOLUTION
 
 
+def attention_received(q: torch.Tensor, k: torch.Tensor, scaling: float, bounds: list[int]) -> torch.Tensor:
+    """[P] the attention each token receives, averaged over heads and query rows, within each segment
+    ``bounds[i]:bounds[i+1]`` (an image or a frame) of q, k [H, P, Dh]; queries in chunks, so that no
+    full attention matrix is held."""
+    out = torch.zeros(q.shape[1], device=q.device)
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        keys = k[:, start:end]
+        for row in range(start, end, 512):
+            probs = torch.softmax(q[:, row : min(row + 512, end)] @ keys.transpose(-1, -2) * scaling, -1)
+            out[start:end] += probs.sum(dim=(0, 1))
+        out[start:end] /= q.shape[0] * (end - start)
+    return out
+
+
 @register_method("visionzip")
 @dataclass(frozen=True)
 class VisionZip(Method):
-    """VisionZip: before the LLM, each image (each tile on LLaVA-NeXT) keeps ``dominant`` tokens, the
-    ones its CLS token attends to most at the feature layer, plus ``contextual`` tokens that merge the
-    rest by key similarity; training-free and text-agnostic.
+    """VisionZip: before the LLM, each image (each tile on LLaVA-NeXT, each frame of a Qwen-VL video)
+    keeps ``dominant`` tokens, the ones its CLS token attends to most at the feature layer, plus
+    ``contextual`` tokens that merge the rest by key similarity; training-free and text-agnostic.
 
     Paper: "VisionZip: Longer is Better but Not Necessary in Vision Language Models" (Yang et al., CVPR
     2025, arXiv 2412.04467). Reference code: https://github.com/dvlab-research/VisionZip
@@ -73,8 +87,13 @@ class VisionZip(Method):
         - Ties (scores within 1e-6) go to the earliest patch; every image of every sample is reduced
           (the reference's list-of-images path is broken).
         - The last prompt token is never dropped (kept on top of the budget when it is visual).
-        - Qwen2-VL / Qwen2.5-VL (no CLS token, window attention, a 2x2 merger) are not supported: the
-          method raises naming the supported models.
+        - **Qwen2-VL / Qwen2.5-VL (ours).** Their towers have no CLS token and merge 2x2 patches after
+          the last block. Importance is the attention each patch receives in the last block that
+          attends over whole frames (Qwen2.5-VL's last full-attention block), averaged over heads and
+          query rows, summed over the merged token's 4 patches; merge keys are that block's head-mean
+          keys (before RoPE) averaged over the 4 patches; contextual tokens are merged from the
+          merged features in the LLM's input space (the merger is not linear). Each image, and each
+          frame of a video, keeps D + C. Qwen2.5-VL's window order is mapped back to raster order.
 
     The vision tower still runs in full (VisionZip only reads it); the extra CLS row, key means, the
     assignment and the contextual tokens' projection are counted as "selection" in the reports.
@@ -124,6 +143,8 @@ class VisionZip(Method):
 
     def check_adapter(self, adapter) -> None:
         super().check_adapter(adapter)
+        if adapter.tower == "qwen":
+            return
         try:
             layer, _ = adapter.feature_layer()
         except UnsupportedModelError as err:
@@ -136,8 +157,10 @@ class VisionZip(Method):
             )
 
     def plan(self, adapter) -> list:
-        layer, has_cls = adapter.feature_layer()
         compact = self.resolved_positions(adapter.supports_compact_positions) == "compact"
+        if adapter.tower == "qwen":
+            return self._plan_qwen(adapter, compact)
+        layer, has_cls = adapter.feature_layer()
 
         def attention(vctx):
             module = adapter.vision_layers[vctx.layer]
@@ -151,11 +174,52 @@ class VisionZip(Method):
             vctx.store["visionzip_hidden"] = vctx.hidden  # the feature layer's output
 
         def select(ctx):
-            return self._select(ctx, adapter, has_cls, compact)
+            return self._select_clip(ctx, adapter, has_cls, compact)
 
         return [Vision(layer, attention), Vision(layer + 1, features), Step(0, select)]
 
-    def _select(self, ctx, adapter, has_cls: bool, compact: bool):
+    # --- the shared rule -------------------------------------------------------------------------------
+    def _zip(self, score: torch.Tensor, keys: torch.Tensor, n: int, protected: torch.Tensor):
+        """Of ``n`` tokens with CLS-attention (or importance) ``score`` and merge keys ``keys`` [n, Dh]:
+        (dominant positions, contextual targets, the others, the target each other joins). ``protected``:
+        positions kept as dominant on top of the ranking (the CLS feature)."""
+        d_keep, c_keep = self.counts(n)
+        free = torch.ones(n, dtype=torch.bool, device=score.device)
+        free[protected] = False
+        candidates = free.nonzero()[:, 0]
+        ranked = torch.sort(_quantise(score[candidates]), descending=True, stable=True).indices
+        dominant = torch.cat([protected, candidates[ranked[: d_keep - len(protected)]]])
+        free[dominant] = False
+        rest = free.nonzero()[:, 0]
+        if c_keep == 0 or len(rest) == 0:
+            empty = rest[:0]
+            return dominant, empty, empty, empty
+        targets = rest[:: max(1, len(rest) // c_keep)][:c_keep]
+        others = rest[~torch.isin(rest, targets)]
+        unit = keys / keys.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        joined = _quantise(unit[others] @ unit[targets].T).argmax(-1)  # ties: the first target
+        return dominant, targets, others, joined
+
+    @staticmethod
+    def _merge(features: torch.Tensor, targets, others, joined) -> torch.Tensor:
+        """The reference's contextual tokens: each target plus the mean of the tokens that joined it (an
+        empty target stays itself)."""
+        feats = features.float()
+        sums = torch.zeros(len(targets), feats.shape[-1], device=feats.device).index_add_(
+            0, joined, feats[others]
+        )
+        sizes = torch.bincount(joined, minlength=len(targets)).clamp_min(1)[:, None]
+        return feats[targets] + sums / sizes
+
+    def _finish(self, ctx, keep, new, merged_any, cost, compact):
+        ctx.add_cost("VisionZip selection", cost)
+        s = ctx.state
+        last = ctx.last_prompt_slot()
+        keep |= (s.slots == last) & (last >= 0)  # generation continues from it
+        return Keep(keep, compact=compact, hidden=new if merged_any else None)
+
+    # --- CLIP towers (LLaVA, LLaVA-NeXT) ---------------------------------------------------------------
+    def _select_clip(self, ctx, adapter, has_cls: bool, compact: bool):
         s, hidden = ctx.state, ctx.hidden
         store = ctx.vision
         if "visionzip_hidden" not in store:
@@ -166,6 +230,7 @@ class VisionZip(Method):
         tower = store["visionzip_hidden"]
         cls_attn, keys = store["visionzip_cls"], store["visionzip_keys"]
         sources = adapter.feature_sources(ctx.vision_inputs, tower.shape[0])
+        projector = adapter.model_shape(adapter.model.config).projector
         keep = ~s.visual
         new, merged_any = hidden.clone(), False
         cost = torch.zeros(hidden.shape[0], dtype=torch.long)
@@ -185,19 +250,22 @@ class VisionZip(Method):
                     if seq < 0:  # LLaVA-NeXT's row newlines: kept only where the image loses nothing
                         keep[b, slots[here]] = bool((source[:, 0] >= 0).sum() <= self._kept_of(source))
                         continue
-                    chosen, merged, flops = self._one(
-                        tower[seq], cls_attn[seq], keys[seq], source[here, 1], has_cls, adapter
+                    tokens = source[here, 1]
+                    protected = (tokens == 0).nonzero()[:, 0] if has_cls else tokens[:0]  # the CLS feature
+                    dominant, targets, others, joined = self._zip(
+                        cls_attn[seq][tokens], keys[seq][tokens], len(tokens), protected
                     )
                     where = slots[here]
-                    keep[b, where[chosen]] = True
-                    if merged is not None:
-                        new[b, where[merged[0]]] = merged[1].to(new.dtype)
+                    keep[b, where[dominant]] = True
+                    keep[b, where[targets]] = True
+                    if len(targets):
+                        merged = self._merge(tower[seq][tokens], targets, others, joined)
+                        new[b, where[targets]] = adapter.project(merged.to(tower.dtype)).to(new.dtype)
                         merged_any = True
-                    cost[b] += flops
-        ctx.add_cost("VisionZip selection", cost)
-        last = ctx.last_prompt_slot()
-        keep |= (s.slots == last) & (last >= 0)  # generation continues from it
-        return Keep(keep, compact=compact, hidden=new if merged_any else None)
+                    cost[b] += self.cost(
+                        tower.shape[1], tower.shape[-1], keys.shape[-1], len(others), len(targets), projector
+                    )
+        return self._finish(ctx, keep, new, merged_any, cost, compact)
 
     def _kept_of(self, source: torch.Tensor) -> int:
         """Tokens an image whose tokens come from ``source`` keeps (its newline tokens aside)."""
@@ -207,45 +275,9 @@ class VisionZip(Method):
             if seq >= 0
         )
 
-    def _one(self, tower, cls_attn, keys, tokens, has_cls: bool, adapter):
-        """One tower sequence whose tokens ``tokens`` [n] (indices into it) are visual tokens of the input:
-        (kept positions among them, (target positions, their new features) or None, FLOPs)."""
-        n = len(tokens)
-        cls_pos = (tokens == 0).nonzero()[:, 0]  # the CLS feature ("full" strategy)
-        patches = (tokens != 0).nonzero()[:, 0]
-        d_keep, c_keep = self.counts(n)
-        d_patches = d_keep - (1 if has_cls and len(cls_pos) else 0)
-        score = _quantise(cls_attn[tokens[patches]])
-        order = torch.sort(score, descending=True, stable=True).indices[:d_patches]
-        dominant = torch.cat([cls_pos, patches[order]]) if has_cls else patches[order]
-        is_rest = torch.ones(n, dtype=torch.bool, device=tokens.device)
-        is_rest[dominant] = False
-        is_rest[cls_pos] = False
-        rest = is_rest.nonzero()[:, 0]
-        projector = adapter.model_shape(adapter.model.config).projector
-        if c_keep == 0 or len(rest) == 0:
-            return dominant, None, self.cost(tower.shape[0], tower.shape[-1], keys.shape[-1], 0, 0, projector)
-        step = max(1, len(rest) // c_keep)
-        targets = rest[::step][:c_keep]
-        others = rest[~torch.isin(rest, targets)]
-        unit = keys[tokens] / keys[tokens].norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        sim = _quantise(unit[others] @ unit[targets].T)  # [others, C]
-        joined = sim.argmax(-1)  # ties: the first target
-        feats = tower[tokens].float()
-        sums = torch.zeros(len(targets), feats.shape[-1], device=feats.device).index_add_(
-            0, joined, feats[others]
-        )
-        sizes = torch.bincount(joined, minlength=len(targets)).clamp_min(1)[:, None]
-        contextual = feats[targets] + sums / sizes  # an empty target stays itself (+ 0)
-        projected = adapter.project(contextual.to(tower.dtype))
-        flops = self.cost(
-            tower.shape[0], tower.shape[-1], keys.shape[-1], len(others), len(targets), projector
-        )
-        return torch.cat([dominant, targets]), (targets, projected), flops
-
     @staticmethod
     def cost(n: int, d: int, d_head: int, others: int, c: int, projector) -> int:
-        """FLOPs of one tower sequence of ``n`` tokens of width ``d``: the CLS query and every key
+        """FLOPs of one CLIP tower sequence of ``n`` tokens of width ``d``: the CLS query and every key
         (recomputed from the layer's weights), the CLS scores, the head-mean keys; with ``c`` contextual
         tokens absorbing ``others`` patches: key norms, similarities, the sums and the projector."""
         flops = 2 * d * d + 2 * n * d * d + 2 * n * d + n * d
@@ -262,6 +294,83 @@ class VisionZip(Method):
             others = n - dom - ctx if ctx else 0
             total += self.cost(v.tokens, v.hidden, v.hidden // v.heads, others, ctx, shape.projector)
         return total
+
+    # --- Qwen-VL towers (ours: no CLS token) -----------------------------------------------------------
+    def _plan_qwen(self, adapter, compact: bool) -> list:
+        unit = adapter.merge_unit
+
+        def observe(vctx):
+            block = adapter.vision_layers[vctx.layer]
+            with torch.no_grad():
+                q, k, k_plain, scaling, cu = compat.qwen_vision_query_key(
+                    block, vctx.hidden.detach(), vctx.kwargs
+                )
+                received = attention_received(q.float(), k.float(), scaling, cu.tolist())
+            kind, grid = adapter.tower_run(
+                vctx.vision_inputs, vctx.hidden.shape[0], vctx.store.get("visionzip_frames", {})
+            )
+            importance = received.view(-1, unit).sum(-1)  # per merged token: its patches' sum
+            keys = k_plain.float().mean(0).view(-1, unit, k_plain.shape[-1]).mean(1)
+            index = adapter.window_index(grid)
+            if index is not None:  # blocks see attention windows: back to raster order
+                importance = torch.empty_like(importance).index_copy_(
+                    0, index.to(importance.device), importance
+                )
+                keys = torch.empty_like(keys).index_copy_(0, index.to(keys.device), keys)
+            width = vctx.hidden.shape[-1]
+            frames, o = [], 0
+            for t, h, w in grid.tolist():
+                m = h * w // unit
+                for _ in range(t):
+                    p = m * unit  # the frame's patches: q and k recomputed, the scores, the key means
+                    flops = 4 * p * width * width + 2 * p * p * width + p * width
+                    frames.append((importance[o : o + m], keys[o : o + m], flops))
+                    o += m
+            vctx.store.setdefault("visionzip_frames", {})[kind] = frames
+
+        def select(ctx):
+            return self._select_qwen(ctx, adapter, compact)
+
+        return [Vision(adapter.attention_block(), observe), Step(0, select)]
+
+    def _select_qwen(self, ctx, adapter, compact: bool):
+        s, hidden = ctx.state, ctx.hidden
+        frames = ctx.vision.get("visionzip_frames")
+        if not frames:
+            raise LeanVLMError(
+                "VisionZip: the input has image tokens but the vision tower did not run in this forward "
+                "(image features passed in precomputed?); VisionZip reads the tower, so pass pixel values"
+            )
+        queue = {kind: iter(records) for kind, records in frames.items()}
+        ids = ctx.vision_inputs.get("input_ids") if ctx.vision_inputs.get("has_input_ids") else None
+        keep = ~s.visual
+        new, merged_any = hidden.clone(), False
+        cost = torch.zeros(hidden.shape[0], dtype=torch.long)
+        for b, images in enumerate(ctx.image_slots()):
+            for idx in images.values():
+                slots = torch.tensor(idx, device=hidden.device)
+                kind = adapter.visual_kind(None if ids is None else ids[b, s.orig[b, idx[0]]], queue)
+                record = next(queue[kind], None)
+                if record is None or len(record[0]) != len(idx):
+                    raise LeanVLMError(
+                        f"VisionZip: an {kind} of sample {b} has {len(idx)} visual tokens but the vision tower "
+                        f"gave {0 if record is None else len(record[0])}; the image inputs do not match"
+                    )
+                importance, keys, flops = record
+                dominant, targets, others, joined = self._zip(importance, keys, len(idx), slots[:0])
+                keep[b, slots[dominant]] = True
+                keep[b, slots[targets]] = True
+                if len(targets):
+                    new[b, slots[targets]] = self._merge(hidden[b, slots], targets, others, joined).to(
+                        new.dtype
+                    )
+                    merged_any = True
+                # the tower's share, then key norms, similarities and the sums in the LLM's input space
+                cost[b] += (
+                    flops + 3 * len(idx) * keys.shape[-1] + 2 * len(others) * len(targets) * keys.shape[-1]
+                )
+                cost[b] += (len(others) + len(targets)) * hidden.shape[-1]
+        return self._finish(ctx, keep, new, merged_any, cost, compact)
 
     def visual_schedule(self, num_layers: int, images: list[int]) -> list[int]:
         return [sum(sum(self.counts(n)) for n in images)] * num_layers
