@@ -29,6 +29,9 @@ ROW_KEYS = {
     "paper_flops",
     "prefill_ms",
     "prefill_ms_min",
+    "selection_ms",
+    "selection_share",
+    "selection_flops",
     "ttft_ms",
     "decode_tok_s",
     "peak_mem_mib",
@@ -130,6 +133,12 @@ def test_bench_writes_table_json_and_plot(capsys, bench_run):
     assert rows["fastv @ default"]["visual_per_layer"] == [16, 16, 4, 4]  # keep 25% after layer 2
     assert rows["fastv @ 0.8"]["equivalent_tokens"] == pytest.approx(0.8 * 16, abs=0.5)
     assert rows["fastv @ default"]["flops_ratio"] < 1.0
+    for label in ("visionzip @ default", "cdpruner @ 0.8", "divprune @ default"):  # before the LLM
+        row = rows[label]
+        assert row["visual_tokens_in"] == 16 and row["visual_per_layer"][0] < 16
+        assert row["selection_ms"] > 0 and row["selection_flops"] > 0
+        assert row["selection_share"] == pytest.approx(row["selection_ms"] / row["prefill_ms"], rel=1e-2)
+    assert rows["fastv @ default"]["selection_ms"] == 0 and rows["fastv @ default"]["selection_flops"] == 0
     png = out.with_suffix(".png")
     with Image.open(png) as img:
         assert img.format == "PNG" and img.size == (640, 480)

@@ -79,3 +79,22 @@ def test_flops_command_counts_the_selection(capsys):
 def doc_vision(capsys):
     main(["flops", "--method", "none", "--json"])
     return json.loads(capsys.readouterr().out)["methods"][0]["vision_flops"]
+
+
+def test_selection_time_is_recorded_only_when_asked():
+    """The engine times the work before the LLM (vision steps and input-stage edits) into
+    trace.selection_ms only while time_selection is on; in generate() too, where transformers may run the
+    tower before the first forward."""
+    model, proc = build("llava", num_layers=3)
+    inputs = make_inputs(proc, [("What is shown in this image?", 1)])
+    with lv.apply(model, lv.VisionZip(dominant=3, contextual=2)) as applied:
+        with torch.no_grad():
+            model(**inputs)
+        assert applied.trace.selection_ms == 0
+        applied.engine.time_selection = True
+        with torch.no_grad():
+            model(**inputs)
+        forward_ms = applied.trace.selection_ms
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        generate_ms = applied.trace.selection_ms
+    assert forward_ms > 0 and generate_ms > 0

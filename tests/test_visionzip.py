@@ -304,6 +304,9 @@ def test_refused_when_the_features_are_the_last_layers():
         lv.UnsupportedModelError, match=r"VisionZip: .*vision_feature_layer=-1.*before the last"
     ):
         lv.apply(model, lv.VisionZip())
+    model.config.vision_feature_layer = -3  # the embeddings of a 2-layer tower
+    with pytest.raises(lv.UnsupportedModelError, match=r"VisionZip: .*the vision tower's embeddings"):
+        lv.apply(model, lv.VisionZip())
 
 
 def test_bad_budgets():

@@ -238,7 +238,7 @@ PRESETS: dict[str, dict] = {
         kv_heads=8,
         image_size=336,
         vision_hidden=64,
-        vision_layers=1,
+        vision_layers=2,  # features from layer -2: VisionZip reads the layer before
     ),
     "bench-cpu": dict(
         family="llava",
@@ -249,7 +249,7 @@ PRESETS: dict[str, dict] = {
         kv_heads=8,
         image_size=336,
         vision_hidden=64,
-        vision_layers=1,
+        vision_layers=2,  # the features are layer -2's output: one layer for VisionZip to read
         vocab_size=32064,
     ),
     "llava-1.5-7b": dict(

@@ -61,6 +61,7 @@ COLUMNS = [
     ("equivalent_tokens", "equiv. tok", "{:.1f}"),
     ("prefill_flops", "prefill FLOPs", None),
     ("prefill_ms", "prefill ms", "{:.1f}"),
+    ("selection_ms", "select ms", "{:.2f}"),
     ("ttft_ms", "TTFT ms", "{:.1f}"),
     ("decode_tok_s", "decode tok/s", "{:.1f}"),
     ("peak_mem_mib", "peak MiB", "{:.1f}"),

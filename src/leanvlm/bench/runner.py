@@ -51,6 +51,7 @@ class Settings:
 @dataclass
 class Samples:
     prefill_ms: list[float] = field(default_factory=list)
+    selection_ms: list[float] = field(default_factory=list)
     ttft_ms: list[float] = field(default_factory=list)
     decode_ms: list[float] = field(default_factory=list)  # t(generate N) - t(generate 1), per repeat
     peak_bytes: int = 0
@@ -110,6 +111,17 @@ def _timed(fn: Callable, device: torch.device) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
+def _selection_ms(handle, prefill) -> list[float]:
+    if handle is None:
+        return []
+    handle.engine.time_selection = True
+    try:
+        prefill()
+    finally:
+        handle.engine.time_selection = False
+    return [handle.trace.selection_ms]
+
+
 def measure(
     model,
     inputs,
@@ -148,6 +160,9 @@ def measure(
                 handle = apply(model, *c.methods) if c.methods is not None else None
                 try:
                     p = [_timed(prefill, device) for _ in range(settings.prefill_per_round)]
+                    # one more prefill, timing the methods' own work before the LLM (this synchronises the
+                    # device around it, so it is kept out of the timed ones)
+                    selection = _selection_ms(handle, prefill)
                     t1 = _timed(first_token, device)
                     tn = _timed(generate_n, device)
                     mem = PeakMemory(device)
@@ -160,6 +175,7 @@ def measure(
                 if r >= settings.warmup:
                     s = samples[c.label]
                     s.prefill_ms.extend(p)
+                    s.selection_ms.extend(selection)
                     s.ttft_ms.append(t1)
                     s.decode_ms.append(tn - t1)
                     s.peak_bytes = max(s.peak_bytes, mem.peak)
@@ -195,6 +211,7 @@ def _row(model, inputs, config: BenchConfig, s: Samples, settings: Settings, sha
         shape, trace, dtype_bytes=dtype_bytes, vision_sequences=handle.adapter.vision_sequences(inputs)
     )
     prefill_ms = statistics.median(s.prefill_ms)
+    selection_ms = statistics.median(s.selection_ms) if s.selection_ms else 0.0
     ttft_ms = statistics.median(s.ttft_ms)
     decode_ms = statistics.median(s.decode_ms)
     visual = trace.visual_per_layer[0]
@@ -203,13 +220,17 @@ def _row(model, inputs, config: BenchConfig, s: Samples, settings: Settings, sha
         "method": config.kind,
         "budget": config.budget,
         "settings": None if not config.methods else config.methods[0].describe(),
-        "visual_tokens_in": visual[0],
+        "visual_tokens_in": report.summary()["visual_tokens_in"],
         "visual_tokens_kept": visual[-1],
         "equivalent_tokens": round(report.equivalent_tokens, 2),
         "prefill_flops": report.prefill_total,
         "paper_flops": report.paper_total,
         "prefill_ms": round(prefill_ms, 3),
         "prefill_ms_min": round(min(s.prefill_ms), 3),
+        # the methods' own work before the LLM (selection), timed in separate prefills, and its share
+        "selection_ms": round(selection_ms, 3),
+        "selection_share": round(selection_ms / prefill_ms, 4) if prefill_ms > 0 else None,
+        "selection_flops": report.selection,
         "ttft_ms": round(ttft_ms, 3),
         # None when timing noise exceeded the decode time itself (too few new tokens for this machine)
         "decode_tok_s": round((settings.new_tokens - 1) / (decode_ms / 1e3), 3) if decode_ms > 0 else None,

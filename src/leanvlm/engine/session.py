@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import functools
 import threading
+import time
 import warnings
 from dataclasses import dataclass, field
 
@@ -77,6 +78,13 @@ class _Call:
     new_pos: torch.Tensor | None = None  # input-stage caches: the new tokens' positions, computed here
 
 
+def _clock(device: torch.device) -> float:
+    """A timestamp after the device's queued work (for timing the methods' own work)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 class Engine:
     """Installs the plans of the applied methods (none: it only records the trace).
 
@@ -89,6 +97,7 @@ class Engine:
     _shift_labels = PerThread()
     _vision_inputs = PerThread()
     _vision_store = PerThread()
+    _vision_ms = PerThread()  # time of this call's vision steps (they may run before the prefill begins)
     _final = PerThread()
     _call = PerThread()
     #: inside generate(): how many fresh (uncached) forwards of the decoder stack it has run
@@ -96,6 +105,9 @@ class Engine:
     #: inside generate(): its image-layout arguments (generate() may encode the images before its loop
     #: and leave them out of the forwards); None outside generate()
     _generate_vision = PerThread()
+
+    #: time the methods' work before the LLM into ``trace.selection_ms`` (synchronises the device there)
+    time_selection = False
 
     def __init__(self, adapter, methods=()):
         self._local = threading.local()
@@ -226,6 +238,7 @@ class Engine:
         self._generate_vision = {k: kwargs[k] for k in VISION_KEYS if kwargs.get(k) is not None}
         # the tower may run before the first forward (transformers >= 5.23): its steps see these
         self._vision_store = {}
+        self._vision_ms = 0.0
         self._vision_inputs = dict(self._generate_vision)
         if self.decoder is not None and kwargs.get("custom_generate") is None:
             from ..generation import generate as entry
@@ -253,6 +266,7 @@ class Engine:
             # this call's vision steps write here (the tower runs inside this call); inside generate()
             # without pixels, the images were encoded before its loop and what their steps stored stands
             self._vision_store = {}
+            self._vision_ms = 0.0
         self._vision_inputs = dict(self._generate_vision or {})
         self._vision_inputs.update({k: kwargs[k] for k in VISION_KEYS if kwargs.get(k) is not None})
         self._vision_inputs["input_ids"] = input_ids if input_ids is not None else embeds[..., 0]
@@ -439,6 +453,7 @@ class Engine:
         records = [StageRecord(0, state.orig, valid, visual)]
         if not recompute:
             self.trace.reset()
+            self.trace.selection_ms = self._vision_ms or 0.0
             self.trace.vision_inputs = self._vision_inputs
             self.trace.stages = records
         has_visual = bool(visual.any())
@@ -507,14 +522,18 @@ class Engine:
             call.observed[k] = step.observe(Context(self, call, layer_idx, hidden, call.state))
         if not edit:
             return hidden
+        timed = self.time_selection and layer_idx == 0 and not call.recompute
         for k in self.edits_at.get(layer_idx, ()):
             step = self.steps[k]
+            start = _clock(hidden.device) if timed else 0.0
             ctx = Context(self, call, layer_idx, hidden, call.state, call.observed.pop(k, None))
             edit = step.edit(ctx)
             if edit is None:
                 continue
             rotary = self.adapter.rotary if layer_idx > 0 else None
             hidden, call.state, changed = apply_edit(edit, hidden, call.state, rotary)
+            if timed:
+                self.trace.selection_ms += (_clock(hidden.device) - start) * 1e3
             call.edited |= changed
             call.reduced |= changed and layer_idx > 0
         if layer_idx in self.layout:
@@ -661,6 +680,7 @@ class Engine:
         if self._vision_store is None:
             self._vision_store = {}
         changed = False
+        start = _clock(hidden.device) if self.time_selection else 0.0
         for step in self.vision_at[layer_idx]:
             vctx = VisionContext(
                 self.adapter, layer_idx, hidden, self._vision_store, kwargs, self._vision_inputs
@@ -674,6 +694,8 @@ class Engine:
                     f"it may only return hidden states of the input's shape {tuple(hidden.shape)}"
                 )
             hidden, changed = out, True
+        if self.time_selection:
+            self._vision_ms = (self._vision_ms or 0.0) + (_clock(hidden.device) - start) * 1e3
         return compat.set_layer_hidden(args, kwargs, hidden) if changed else None
 
     def _replaced_forward(self, layer_idx: int, layer, *args, **kwargs):

@@ -65,6 +65,9 @@ class Trace:
     #: the FLOPs a method's own selection computed per sample outside the layers (e.g. DivPrune's
     #: distance matrix), as (what, [B] FLOPs)
     selection: list[tuple[str, torch.Tensor]] = field(default_factory=list)
+    #: wall time (ms) of the methods' own work before the LLM in the last prefill (vision steps and
+    #: input-stage edits), measured only while the engine's ``time_selection`` is on
+    selection_ms: float = 0.0
     #: the decode steps since the last prefill
     decode: list[DecodeRecord] = field(default_factory=list)
     #: the vision-related inputs of the last prefill (image sizes / grids), for vision FLOPs
@@ -82,6 +85,7 @@ class Trace:
         self.stages = []
         self.scoring = []
         self.selection = []
+        self.selection_ms = 0.0
         self.decode = []
         self.vision_inputs = None
         self.prefills += 1

@@ -149,6 +149,12 @@ class VisionZip(Method):
             layer, _ = adapter.feature_layer()
         except UnsupportedModelError as err:
             raise UnsupportedModelError(f"VisionZip: {err}") from None
+        if layer < 0:
+            raise UnsupportedModelError(
+                f"VisionZip: the image features are the vision tower's embeddings (vision_feature_layer="
+                f"{adapter.model.config.vision_feature_layer} of {len(adapter.vision_layers)} layers): there is no "
+                "attention to read"
+            )
         if layer >= len(adapter.vision_layers) - 1:
             raise UnsupportedModelError(
                 f"VisionZip: the image features are the vision tower's last layer's output "
