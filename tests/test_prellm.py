@@ -98,3 +98,21 @@ def test_selection_time_is_recorded_only_when_asked():
         model.generate(**inputs, max_new_tokens=2, do_sample=False)
         generate_ms = applied.trace.selection_ms
     assert forward_ms > 0 and generate_ms > 0
+
+
+@pytest.mark.parametrize("adapter", ["llava", "llava-next", "qwen2-vl"])
+def test_trace_counts_the_tokens_each_image_brings_to_the_llm(adapter):
+    model, proc = build(adapter, num_layers=3)
+    inputs = make_inputs(proc, [("What color is the car in the two pictures?", 2), ("Read the sign.", 0)])
+    with lv.apply(model, lv.DivPrune(keep_ratio=0.5)) as applied, torch.no_grad():
+        model(**inputs)
+        images, text_only = applied.trace.visual_per_image(0), applied.trace.visual_per_image(1)
+        per_layer = applied.trace.visual_per_layer[0]
+        made = lv.last_report(model).summary()["visual_tokens_in"]
+    assert len(images) == 2 and text_only == []
+    assert [kept for _, kept in images] == [round(0.5 * n) for n, _ in images]
+    assert sum(n for n, _ in images) == made
+    assert sum(kept for _, kept in images) == per_layer[0]
+    with lv.apply(model, lv.FastV(layer=1, keep_ratio=0.5)) as applied, torch.no_grad():
+        model(**inputs)
+        assert all(n == kept for n, kept in applied.trace.visual_per_image(0))  # reduced inside the LLM

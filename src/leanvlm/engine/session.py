@@ -456,6 +456,8 @@ class Engine:
             self.trace.selection_ms = self._vision_ms or 0.0
             self.trace.vision_inputs = self._vision_inputs
             self.trace.stages = records
+            ids = functools.partial(self.adapter.image_ids, placeholders, self._vision_inputs)
+            self.trace.image_ids_of = functools.cache(lambda: ids().masked_fill(~valid, -1))
         has_visual = bool(visual.any())
         if not (self.active and (has_visual or self.runners)):
             if recompute:

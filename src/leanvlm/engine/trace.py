@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -68,6 +69,8 @@ class Trace:
     #: wall time (ms) of the methods' own work before the LLM in the last prefill (vision steps and
     #: input-stage edits), measured only while the engine's ``time_selection`` is on
     selection_ms: float = 0.0
+    #: () -> [B, N] which image each input token belongs to (-1 elsewhere), computed when asked
+    image_ids_of: Callable | None = None
     #: the decode steps since the last prefill
     decode: list[DecodeRecord] = field(default_factory=list)
     #: the vision-related inputs of the last prefill (image sizes / grids), for vision FLOPs
@@ -86,6 +89,7 @@ class Trace:
         self.scoring = []
         self.selection = []
         self.selection_ms = 0.0
+        self.image_ids_of = None
         self.decode = []
         self.vision_inputs = None
         self.prefills += 1
@@ -127,6 +131,17 @@ class Trace:
     def kept_visual(self) -> list[list[torch.Tensor]]:
         """Per stage, per sample: original sequence indices of the visual tokens present from that stage on."""
         return [[s.orig[b][s.visual[b]] for b in range(s.orig.shape[0])] for s in self.stages]
+
+    def visual_per_image(self, sample: int = 0) -> list[tuple[int, int]]:
+        """Per image of ``sample`` (a Qwen-VL video frame counts as one), in order: (visual tokens the
+        model made, visual tokens that reached the LLM's first layer, after any reduction before it)."""
+        if not self.stages or self.image_ids_of is None:
+            return []
+        ids = self.image_ids_of()[sample]
+        entered = [s for s in self.stages if s.layer == 0][-1]  # after the input stage's edits
+        reached = ids[entered.orig[sample][entered.visual[sample]]]
+        images = sorted(int(i) for i in ids.unique() if i >= 0)
+        return [(int((ids == i).sum()), int((reached == i).sum())) for i in images]
 
     def scoring_counts(self, sample: int) -> list[tuple[int, int]]:
         """(tokens, query rows) of every ranking computation of ``sample``, for FLOPs accounting."""
