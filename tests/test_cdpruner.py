@@ -81,6 +81,20 @@ def test_properties_and_guards():
     assert dpp_greedy(kernel, 0).numel() == 0
 
 
+def test_spent_kernel_in_float32_falls_back_to_the_diagonal():
+    """Rank 3 features: after three picks every gain is float32 rounding noise; the rest come by their
+    own relevance (the kernel diagonal r^2), not by that noise."""
+    g = torch.Generator().manual_seed(5)
+    feats = torch.randn(3, 16, generator=g)[torch.randint(0, 3, (30,), generator=g)] + 1e-4 * torch.randn(
+        30, 16, generator=g
+    )
+    r = torch.rand(30, generator=g) * 0.9 + 0.1
+    kernel = conditional_kernel(feats, r)
+    first = dpp_greedy(kernel.double(), 3).tolist()  # three directions: the greedy's own picks
+    rest = [i for i in torch.sort(r, descending=True, stable=True).indices.tolist() if i not in first][:7]
+    assert dpp_greedy(kernel, 10).tolist() == sorted(first + rest)
+
+
 def test_relevance():
     g = torch.Generator().manual_seed(4)
     feats = torch.randn(10, 16, generator=g, dtype=torch.float64)
@@ -124,8 +138,7 @@ def test_kept_tokens_equal_the_selection_on_the_input_embeddings(adapter):
 
 
 def test_selection_follows_the_instruction():
-    """Two prompts with one image and different questions keep different tokens (relevance counts);
-    with every text token equal to the image's mean it does not depend on the question."""
+    """Two prompts with one image and different questions keep different tokens (relevance counts)."""
     model, proc = build("llava", num_layers=3)
     kept = []
     for question in ("What is shown in this image?", "Read every word written on the red sign please."):

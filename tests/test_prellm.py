@@ -10,8 +10,10 @@ import json
 import pytest
 import torch
 from models import build, make_inputs
+from plugin_methods import DampenVision
 
 import leanvlm as lv
+from leanvlm import compat
 from leanvlm.cli.main import main
 
 
@@ -98,6 +100,48 @@ def test_selection_time_is_recorded_only_when_asked():
         model.generate(**inputs, max_new_tokens=2, do_sample=False)
         generate_ms = applied.trace.selection_ms
     assert forward_ms > 0 and generate_ms > 0
+    with lv.apply(model, DampenVision(layer=0, factor=0.5)) as applied:  # a vision step alone
+        applied.engine.time_selection = True
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        assert applied.trace.selection_ms > 0  # timed even when the tower runs before the first forward
+
+
+OLD_BEAMS = compat._parse(compat.installed_version()) < (5, 24)
+
+
+@pytest.mark.parametrize("adapter", ["llava", "llava-next", "qwen2-vl"])
+@pytest.mark.parametrize("method", [lv.DivPrune(keep_ratio=0.5), lv.VisionZip(dominant=2, contextual=1)])
+@pytest.mark.parametrize(
+    "images",
+    [
+        1,
+        pytest.param(
+            2,
+            marks=pytest.mark.skipif(
+                OLD_BEAMS,
+                reason="transformers 5.18 repeats each image, not each sample's images, for beams ([A, A, B, B]): "
+                "its own model pairs copies with the wrong images",
+            ),
+        ),
+    ],
+)
+def test_beams_keep_what_each_sample_keeps_alone(adapter, method, images):
+    """generate() with beams repeats each sample after it ran the vision tower (transformers >= 5.23;
+    before, the tower runs on the repeated batch): the copies of a sample keep the same tokens, as many
+    as the sample keeps in a greedy run (which tokens may differ from that run by float noise when the
+    tower ran on another batch size)."""
+    model, proc = build(adapter, num_layers=3)
+    inputs = make_inputs(proc, [("What color is the car in the pictures?", images), ("What is shown?", 1)])
+    with lv.apply(model, method) as applied:
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        alone = applied.trace.kept_visual[-1]
+        beams = model.generate(
+            **inputs, max_new_tokens=2, do_sample=False, num_beams=2, num_return_sequences=2
+        )
+        copies = applied.trace.kept_visual[-1]
+    assert beams.shape[0] == 4 and len(copies) == 4
+    for b in range(4):
+        assert torch.equal(copies[b], copies[b - b % 2]) and len(copies[b]) == len(alone[b // 2])
 
 
 @pytest.mark.parametrize("adapter", ["llava", "llava-next", "qwen2-vl"])

@@ -358,6 +358,20 @@ def test_flops_command_counts_the_selection(capsys):
     assert m["selection_flops"] == expected
 
 
+def test_runtime_cost_equals_the_schedules():
+    model, proc = build("llava", num_layers=3)
+    inputs = make_inputs(proc, [PROMPTS[3]])  # two images
+    method = lv.VisionZip(dominant=3, contextual=2)
+    with lv.apply(model, method), torch.no_grad():
+        model(**inputs)
+        report = lv.last_report(model)
+    shape = lv.registry.find_adapter(model).model_shape(model.config)
+    assert report.selection == method.selection_flops(shape, [16, 16], 0) > 0
+    qwen = lv.registry.find_adapter(build("qwen2-vl", num_layers=3)[0])
+    with pytest.raises(lv.ConfigError, match="VisionZip: its cost on .* is counted from the trace"):
+        method.selection_flops(qwen.model_shape(qwen.model.config), [16], 0)
+
+
 def test_budget_as_a_share():
     assert lv.VisionZip(keep_ratio=64 / 576).counts(576) == (54, 10)  # the reference's split
     assert lv.VisionZip(keep_ratio=128 / 576).counts(576) == (108, 20)

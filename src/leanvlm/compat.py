@@ -360,8 +360,9 @@ def vision_query_key(layer, hidden: torch.Tensor, query_rows: int = 1):
     return q, k, attn.scale
 
 
-# 5.18-5.22: generate() hands the pixels to the first forward, which runs the vision tower; 5.23-5.24:
-# generate() may encode them first (``get_image_features``) and pass ``mm_encoder_outputs`` instead.
+# 5.18-5.24: generate() may hand the pixels to the first forward, which runs the vision tower, or encode
+# them before its loop (``get_image_features``) and pass ``mm_encoder_outputs`` instead (then repeated for
+# beams / several returned sequences; 5.18 repeats each image rather than each sample's images).
 PIXEL_KEYS = ("pixel_values", "pixel_values_videos")
 
 
@@ -414,3 +415,10 @@ def qwen_window_index(visual, grid_thw: torch.Tensor) -> torch.Tensor | None:
         patch_size=visual.patch_size,
     )
     return index
+
+
+def has_cls_token(tower) -> bool:
+    """Whether a CLIP-style vision tower prepends a CLS token (CLIP: ``embeddings.class_embedding``;
+    SigLIP has none)."""
+    inner = getattr(tower, "vision_model", tower)
+    return hasattr(getattr(inner, "embeddings", None), "class_embedding")

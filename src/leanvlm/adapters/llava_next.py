@@ -89,6 +89,10 @@ class LlavaNextAdapter(LlavaAdapter):
                 pairs.append((-1, -1))
             out.append(torch.tensor(pairs))
             first += 1 + tiles_h * tiles_w
+        if first != sequences:
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__}: image_sizes give {first} tiles but the vision tower ran {sequences}"
+            )
         return out
 
     fixed_grid = None  # AnyRes: every image has its own layout

@@ -42,6 +42,19 @@ class Context:
         return values.gather(1, self.state.orig)
 
     @property
+    def replicas(self) -> int:
+        """How many consecutive samples of this batch are copies of one sample whose images the vision
+        tower ran once (generate() with beams or several returned sequences, transformers >= 5.23):
+        sample ``b`` is a copy of original sample ``b // replicas``. 1 otherwise."""
+        return self._call.replicas
+
+    @property
+    def tower_inputs(self) -> dict:
+        """The image layout the vision tower ran on: :attr:`vision_inputs`' layout, or the original
+        samples' when generate() repeated them after the tower ran (see :attr:`replicas`)."""
+        return self._call.tower_inputs or {}
+
+    @property
     def vision_inputs(self) -> dict:
         """The call's image-layout inputs (``image_sizes``, ``image_grid_thw``, ``video_grid_thw``, where
         given) and its ``input_ids``."""

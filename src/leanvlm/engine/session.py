@@ -68,6 +68,10 @@ class _Call:
     records: list[StageRecord] = field(default_factory=list)
     recompute: bool = False
     vision: dict = field(default_factory=dict)  # what vision steps stored for this call
+    #: each sample's copies in the batch when generate() repeated the samples (beams, several returned
+    #: sequences) after the vision tower ran on the original ones (transformers >= 5.23)
+    replicas: int = 1
+    tower_inputs: dict | None = None  # the image layout the vision tower ran on (the original samples')
     next_pos: torch.Tensor | None = None  # [B] position after the input's last token
     pos_rows: int = 0
     # extend mode
@@ -105,6 +109,9 @@ class Engine:
     #: inside generate(): its image-layout arguments (generate() may encode the images before its loop
     #: and leave them out of the forwards); None outside generate()
     _generate_vision = PerThread()
+    _generate_batch = PerThread()
+    _replicas = PerThread()
+    _tower_inputs = PerThread()
 
     #: time the methods' work before the LLM into ``trace.selection_ms`` (synchronises the device there)
     time_selection = False
@@ -232,8 +239,18 @@ class Engine:
         if inputs is None:
             inputs = kwargs.get("inputs_embeds")
         # generate() may run inside prompt_length() or itself
-        saved = self.prompt_len, self._generate_fresh, self._generate_vision
+        fields = (
+            "prompt_len",
+            "_generate_fresh",
+            "_generate_vision",
+            "_generate_batch",
+            "_vision_store",
+            "_vision_ms",
+            "_vision_inputs",
+        )
+        saved = {name: getattr(self, name) for name in fields}
         self.prompt_len = inputs.shape[1] if inputs is not None else None
+        self._generate_batch = inputs.shape[0] if inputs is not None else None
         self._generate_fresh = 0
         self._generate_vision = {k: kwargs[k] for k in VISION_KEYS if kwargs.get(k) is not None}
         # the tower may run before the first forward (transformers >= 5.23): its steps see these
@@ -247,7 +264,8 @@ class Engine:
         try:
             return type(model).generate(model, *args, **kwargs)
         finally:
-            self.prompt_len, self._generate_fresh, self._generate_vision = saved
+            for name, value in saved.items():
+                setattr(self, name, value)
 
     # --- hooks on the VLM and the top model ----------------------------------------------------------
     def _vlm_pre(self, module, args, kwargs):
@@ -262,13 +280,23 @@ class Engine:
             return
         self._visual = self.adapter.visual_mask(input_ids, embeds)
         in_generate = self._generate_vision is not None
-        if compat.runs_vision_tower(kwargs) or not in_generate:
+        tower_runs = compat.runs_vision_tower(kwargs)
+        if tower_runs or not in_generate:
             # this call's vision steps write here (the tower runs inside this call); inside generate()
             # without pixels, the images were encoded before its loop and what their steps stored stands
             self._vision_store = {}
             self._vision_ms = 0.0
-        self._vision_inputs = dict(self._generate_vision or {})
-        self._vision_inputs.update({k: kwargs[k] for k in VISION_KEYS if kwargs.get(k) is not None})
+        rows, first = self._visual.shape[0], self._generate_batch
+        self._replicas = 1
+        given = {k: kwargs[k] for k in VISION_KEYS if kwargs.get(k) is not None}
+        layout = self._generate_vision or {}
+        self._tower_inputs = {**layout, **given}
+        if in_generate and not tower_runs and first and rows != first:
+            # generate() repeated each sample after encoding the images: the layout it was given describes
+            # the original samples' images (steps map each copy back to its original, ``ctx.replicas``)
+            self._replicas = rows // first if rows % first == 0 else 1
+            layout = {}
+        self._vision_inputs = {**layout, **given}
         self._vision_inputs["input_ids"] = input_ids if input_ids is not None else embeds[..., 0]
         self._vision_inputs["has_input_ids"] = input_ids is not None
         past = compat.find_cache(args, kwargs)
@@ -477,6 +505,8 @@ class Engine:
             state=state,
             has_visual=has_visual,
             vision=self._vision_store or {},
+            replicas=self._replicas or 1,
+            tower_inputs=self._tower_inputs,
             records=records,
             recompute=recompute,
             next_pos=last_pos + 1,
@@ -559,6 +589,8 @@ class Engine:
         call, self._call = self._call, None
         if call is None:
             return None
+        if self._generate_vision is None:
+            self._vision_store = None  # outside generate() nothing reads it again: free the tower's tensors
         if call.mode == "prefill":
             if call.recompute:
                 self.trace.decode.append(

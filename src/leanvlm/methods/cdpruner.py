@@ -30,7 +30,7 @@ class CDPruner(PerImageSelection):
 
     Per image with N visual tokens and projected features f (the LLM's input space):
     ``S = cos(f_i, f_j)``; relevance ``r_n`` = mean cosine similarity of f_n to the instruction's text
-    embeddings, min-max normalised to (0, 1]; kernel ``L = diag(r) S diag(r)``; ``keep`` tokens chosen by
+    embeddings, min-max normalised as the reference (values in (0, 1 + 1e-6 / range]); kernel ``L = diag(r) S diag(r)``; ``keep`` tokens chosen by
     greedy MAP inference (each step the token that most increases ``log det L_Y``, by the incremental
     Cholesky update). The kept tokens keep their order; text is untouched.
 

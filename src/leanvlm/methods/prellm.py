@@ -46,7 +46,7 @@ class PerImageSelection(Method):
                     f"has ({n_image} visual tokens); allowed: 1..{n_image} (or keep_ratio)"
                 )
             return self.keep_tokens
-        return min(int(round(self.keep_ratio * n_image)), n_image)
+        return min(max(1, int(round(self.keep_ratio * n_image))), n_image)  # an image keeps at least one
 
     def select(self, ctx, b: int, slots: torch.Tensor, features: torch.Tensor, k: int):
         """(chosen indices into ``slots``, FLOPs spent) for one image of sample ``b``: ``features`` [N, D]

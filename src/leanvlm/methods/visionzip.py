@@ -20,6 +20,17 @@ def _quantise(x: torch.Tensor) -> torch.Tensor:
     return torch.round(x / RESOLUTION) * RESOLUTION
 
 
+def first_items(counts: list[int], replicas: int = 1) -> list[int]:
+    """Per sample with ``counts[b]`` items (images, frames): the index of its first item among the items
+    the vision tower ran, when each run of ``replicas`` consecutive samples are copies of one sample
+    whose items the tower ran once."""
+    firsts, total = [], 0
+    for c in counts[::replicas]:
+        firsts.append(total)
+        total += c
+    return [firsts[b // replicas] for b in range(len(counts))]
+
+
 def attention_received(q: torch.Tensor, k: torch.Tensor, scaling: float, bounds: list[int]) -> torch.Tensor:
     """[P] the attention each token receives, averaged over heads and query rows, within each segment
     ``bounds[i]:bounds[i+1]`` (an image or a frame) of q, k [H, P, Dh]; queries in chunks, so that no
@@ -84,7 +95,7 @@ class VisionZip(Method):
           selection is among the patches that survive un-padding, and the row newline tokens are
           dropped (the reference also adds no newline for the tiles); the reference scatters the tiles'
           dominant tokens onto the grid and appends all contextual tokens after them, without un-padding.
-        - Ties (scores within 1e-6) go to the earliest patch; every image of every sample is reduced
+        - Scores and similarities are rounded to a 1e-6 grid; ties go to the earliest patch; every image of every sample is reduced
           (the reference's list-of-images path is broken).
         - The last prompt token is never dropped (kept on top of the budget when it is visual).
         - **Qwen2-VL / Qwen2.5-VL (ours).** Their towers have no CLS token and merge 2x2 patches after
@@ -149,6 +160,12 @@ class VisionZip(Method):
             layer, _ = adapter.feature_layer()
         except UnsupportedModelError as err:
             raise UnsupportedModelError(f"VisionZip: {err}") from None
+        if not compat.has_cls_token(adapter.model.model.vision_tower):
+            raise UnsupportedModelError(
+                f"VisionZip: the vision tower of {type(adapter.model).__name__} "
+                f"({type(adapter.model.model.vision_tower).__name__}) has no CLS token (e.g. SigLIP), whose "
+                "attention VisionZip ranks by; supported: CLIP towers, and Qwen2-VL / Qwen2.5-VL"
+            )
         if layer < 0:
             raise UnsupportedModelError(
                 f"VisionZip: the image features are the vision tower's embeddings (vision_feature_layer="
@@ -235,14 +252,17 @@ class VisionZip(Method):
             )
         tower = store["visionzip_hidden"]
         cls_attn, keys = store["visionzip_cls"], store["visionzip_keys"]
-        sources = adapter.feature_sources(ctx.vision_inputs, tower.shape[0])
+        sources = adapter.feature_sources(ctx.tower_inputs, tower.shape[0])
         projector = adapter.model_shape(adapter.model.config).projector
         keep = ~s.visual
         new, merged_any = hidden.clone(), False
         cost = torch.zeros(hidden.shape[0], dtype=torch.long)
-        g = 0  # images of the batch in order: their tower sequences come in the same order
-        for b, images in enumerate(ctx.image_slots()):
-            for idx in images.values():
+        per_sample = ctx.image_slots()
+        # the tower ran on the images of the (original) samples in order
+        starts = first_items([len(images) for images in per_sample], ctx.replicas)
+        for b, images in enumerate(per_sample):
+            for i, idx in enumerate(images.values()):
+                g = starts[b] + i
                 slots = torch.tensor(idx, device=hidden.device)
                 source = sources[g].to(hidden.device) if g < len(sources) else None
                 if source is None or len(source) != len(idx):
@@ -250,7 +270,6 @@ class VisionZip(Method):
                         f"VisionZip: image {g} of the batch has {len(idx)} visual tokens but the vision tower's "
                         f"layout gives {0 if source is None else len(source)}; the image inputs do not match"
                     )
-                g += 1
                 for seq in source[:, 0].unique().tolist():
                     here = source[:, 0] == seq
                     if seq < 0:  # LLaVA-NeXT's row newlines: kept only where the image loses nothing
@@ -294,6 +313,11 @@ class VisionZip(Method):
 
     def selection_flops(self, shape, images: list[int], text_tokens: int) -> int:
         v = shape.vision
+        if v is None or not v.heads or not v.has_cls or not shape.visual_tokens_per_image:
+            raise ConfigError(
+                f"VisionZip: its cost on {shape.name} depends on each image's tiles or frames; it is counted "
+                "from the trace (lv.last_report, leanvlm bench), not from a schedule"
+            )
         total = 0
         for n in images:
             dom, ctx = self.counts(n)
@@ -328,8 +352,8 @@ class VisionZip(Method):
             for t, h, w in grid.tolist():
                 m = h * w // unit
                 for _ in range(t):
-                    p = m * unit  # the frame's patches: q and k recomputed, the scores, the key means
-                    flops = 4 * p * width * width + 2 * p * p * width + p * width
+                    p = m * unit  # the frame's patches: the fused q/k/v recomputed, the scores, the key means
+                    flops = 6 * p * width * width + 2 * p * p * width + p * width
                     frames.append((importance[o : o + m], keys[o : o + m], flops))
                     o += m
             vctx.store.setdefault("visionzip_frames", {})[kind] = frames
@@ -347,16 +371,29 @@ class VisionZip(Method):
                 "VisionZip: the input has image tokens but the vision tower did not run in this forward "
                 "(image features passed in precomputed?); VisionZip reads the tower, so pass pixel values"
             )
-        queue = {kind: iter(records) for kind, records in frames.items()}
         ids = ctx.vision_inputs.get("input_ids") if ctx.vision_inputs.get("has_input_ids") else None
         keep = ~s.visual
         new, merged_any = hidden.clone(), False
         cost = torch.zeros(hidden.shape[0], dtype=torch.long)
-        for b, images in enumerate(ctx.image_slots()):
-            for idx in images.values():
+        per_sample = [
+            [
+                (adapter.visual_kind(None if ids is None else ids[b, s.orig[b, idx[0]]], frames), idx)
+                for idx in images.values()
+            ]
+            for b, images in enumerate(ctx.image_slots())
+        ]
+        # each kind's frames come in the order of the (original) samples
+        starts = {
+            kind: first_items([sum(k == kind for k, _ in spans) for spans in per_sample], ctx.replicas)
+            for kind in frames
+        }
+        for b, spans in enumerate(per_sample):
+            seen = dict.fromkeys(frames, 0)
+            for kind, idx in spans:
                 slots = torch.tensor(idx, device=hidden.device)
-                kind = adapter.visual_kind(None if ids is None else ids[b, s.orig[b, idx[0]]], queue)
-                record = next(queue[kind], None)
+                g = starts[kind][b] + seen[kind]
+                seen[kind] += 1
+                record = frames[kind][g] if g < len(frames[kind]) else None
                 if record is None or len(record[0]) != len(idx):
                     raise LeanVLMError(
                         f"VisionZip: an {kind} of sample {b} has {len(idx)} visual tokens but the vision tower "

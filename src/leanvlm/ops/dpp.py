@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import torch
 
-#: a candidate whose remaining gain (the Schur complement d_n^2) is at or below this is spent: the chosen
-#: set already spans it (rank-deficient or duplicate features)
-SPENT = 1e-10
+#: a candidate whose remaining gain (the Schur complement d_n^2) is at or below this share of the
+#: largest diagonal entry is spent: the chosen set already spans it (rank-deficient or duplicate
+#: features); float32 leaves rounding noise of about 1e-7 there
+SPENT = 1e-5
 
 
 def unit_rows(x: torch.Tensor) -> torch.Tensor:
@@ -45,8 +46,8 @@ def conditional_kernel(features: torch.Tensor, rel: torch.Tensor, theta: float |
 def dpp_greedy(kernel: torch.Tensor, k: int, resolution: float = 0.0) -> torch.Tensor:
     """Greedy MAP inference of a DPP with kernel ``kernel`` [N, N] (symmetric PSD): ``k`` items, each step
     the one that most increases ``log det L_Y``, by the incremental Cholesky update (O(k^2 N)). Ties go
-    to the lowest index. When every remaining candidate's gain is spent (<= :data:`SPENT`: the chosen
-    set spans the rest), the rest are taken in order of their own diagonal ``L_nn`` (ties to the lowest
+    to the lowest index. When every remaining candidate's gain is spent (at most :data:`SPENT` times the
+    largest diagonal entry: the chosen set spans the rest), the rest are taken in order of their own diagonal ``L_nn`` (ties to the lowest
     index), so the result always has ``k`` distinct items (the reference's update goes NaN there and
     returns fewer). Returns the selected indices, sorted ascending."""
     n = kernel.shape[0]
@@ -55,11 +56,12 @@ def dpp_greedy(kernel: torch.Tensor, k: int, resolution: float = 0.0) -> torch.T
         return torch.arange(n, device=kernel.device)
     chosen = torch.zeros(n, dtype=torch.bool, device=kernel.device)
     gain = kernel.diagonal().clone()  # d_n^2: det(L_{Y+n}) / det(L_Y)
+    spent = SPENT * float(gain.max()) if n else 0.0
     factors = kernel.new_zeros(k, n)  # rows of the incremental Cholesky factor
     for i in range(k):
         open_gain = gain.masked_fill(chosen, float("-inf"))
         best = float(open_gain.max())
-        if best <= SPENT:
+        if best <= spent:
             rest = kernel.diagonal().masked_fill(chosen, float("-inf"))
             order = torch.sort(rest, descending=True, stable=True).indices[: k - i]
             chosen[order] = True
