@@ -32,6 +32,10 @@ METHODS = {
     "visionzip": lv.VisionZip(dominant=2, contextual=1),
     "visionzip-dominant-original": lv.VisionZip(dominant=3, contextual=0, positions="original"),
     "visionzip-ratio": lv.VisionZip(keep_ratio=0.4),
+    "sparsevlm": lv.SparseVLM(keep_ratio=0.5, layers=(1, 2, 3)),
+    "sparsevlm-plain-compact": lv.SparseVLM(
+        keep_ratio=0.6, layers=(1, 3), recycle=False, positions="compact"
+    ),
     "random": lv.RandomDrop(keep_ratio=0.5, seed=3),
     "random-layer-compact": lv.RandomDrop(layer=2, keep_tokens=5, positions="compact"),
     "uniform": lv.UniformDrop(keep_ratio=0.25),
@@ -53,6 +57,7 @@ NOOPS = {
     "cdpruner": lv.CDPruner(keep_ratio=1.0),
     "visionzip": lv.VisionZip(dominant=10_000, contextual=0),
     "visionzip-ratio": lv.VisionZip(keep_ratio=1.0),
+    "sparsevlm": lv.SparseVLM(keep_ratio=1.0, layers=(1, 2, 3)),
     "random": lv.RandomDrop(keep_ratio=1.0),
     "uniform": lv.UniformDrop(layer=2, keep_ratio=1.0),
     "insert": InsertSummary(count=0),
@@ -74,7 +79,11 @@ DROPPING = (
 
 
 def is_drop(method) -> bool:
-    return isinstance(method, DROPPING) or (isinstance(method, lv.VisionZip) and method.contextual == 0)
+    if isinstance(method, lv.VisionZip):
+        return method.contextual == 0
+    if isinstance(method, lv.SparseVLM):
+        return not method.recycle
+    return isinstance(method, DROPPING)
 
 
 matrix = pytest.mark.parametrize("adapter", ADAPTERS)
@@ -277,8 +286,8 @@ def masking_oracle(model, inputs, trace, method):
 def test_gather_equals_masking_oracle(adapter, method):
     if not is_drop(method):
         pytest.skip(
-            "not a drop: merging is checked in test_llavolta.py and test_visionzip.py, inserting / runners in "
-            "test_engine_plans.py"
+            "not a drop: merging is checked in test_llavolta.py, test_visionzip.py and test_sparsevlm.py, "
+            "inserting / runners in test_engine_plans.py"
         )
     model, proc = build_for(method, adapter, "eager", num_layers=NUM_LAYERS)
     inputs = make_inputs(proc, PROMPTS)

@@ -35,23 +35,39 @@ def parse_budgets(text: str) -> list[str]:
     return items
 
 
-def build_configs(method_names: list[str] | None, budgets: list[str], num_layers: int) -> list[BenchConfig]:
+def build_configs(
+    method_names: list[str] | None, budgets: list[str], num_layers: int, skipped: list | None = None
+) -> list[BenchConfig]:
     """The unmodified model, leanvlm with no method, then every method at every budget.
 
     A numeric budget is the share of visual tokens kept on average over the layers (equal budgets
-    mean about equal FLOPs); "default" is each method's reference setting.
+    mean about equal FLOPs); "default" is each method's reference setting. A budget a method can not
+    reach on this model raises ConfigError, or, given a ``skipped`` list, is left out and recorded there
+    as (label, reason); if every method's rows are left out, ConfigError is raised all the same.
     """
     configs = [BenchConfig("none (unmodified model)", None), BenchConfig("none (leanvlm, no method)", ())]
     classes = [get_method(n) for n in method_names] if method_names else [METHODS[k] for k in sorted(METHODS)]
+    reasons = []
     for cls in classes:
         for budget in budgets:
-            method = (
-                cls.bench_default(num_layers)
-                if budget == "default"
-                else cls.at_budget(float(budget), num_layers)
-            )
-            method.check_model(num_layers)
-            configs.append(BenchConfig(f"{cls.name} @ {budget}", (method,), budget))
+            label = f"{cls.name} @ {budget}"
+            try:
+                method = (
+                    cls.bench_default(num_layers)
+                    if budget == "default"
+                    else cls.at_budget(float(budget), num_layers)
+                )
+                method.check_model(num_layers)
+            except ConfigError as err:
+                if skipped is None:
+                    raise
+                reasons.append((label, str(err)))
+                continue
+            configs.append(BenchConfig(label, (method,), budget))
+    if reasons and len(configs) == 2:
+        raise ConfigError(reasons[0][1] if len(reasons) == 1 else "; ".join(r for _, r in reasons))
+    if skipped is not None:
+        skipped.extend(reasons)
     return configs
 
 
@@ -96,7 +112,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def result_document(
-    rows, *, model_label, shape, inputs, settings: Settings, device, dtype, attn, argv
+    rows, *, model_label, shape, inputs, settings: Settings, device, dtype, attn, argv, skipped=()
 ) -> dict:
     return {
         "benchmark": "leanvlm bench",
@@ -115,6 +131,7 @@ def result_document(
         "flops_convention": "prefill_flops: real, 2 per multiply-add, whole prompt incl. vision tower; "
         "paper_flops: PyramidDrop's, 1 per multiply-add, visual tokens, LLM layers",
         "rows": rows,
+        "skipped": [{"config": label, "reason": reason} for label, reason in skipped],
     }
 
 

@@ -70,7 +70,8 @@ def run(args) -> int:
     dtype = resolve_dtype(args)
     model, processor, label = load_model(args, dtype)
     adapter = find_adapter(model)
-    configs = build_configs(names, budgets, adapter.num_layers)
+    skipped: list = []
+    configs = build_configs(names, budgets, adapter.num_layers, skipped)
     if not images:
         size = getattr(model.config.vision_config, "image_size", 336)
         images = [demo_image(size)]
@@ -102,6 +103,7 @@ def run(args) -> int:
         dtype=dtype,
         attn=args.attn,
         argv=["leanvlm", *sys.argv[1:]] if sys.argv else None,
+        skipped=skipped,
     )
     write_json(doc, args.out)
     print(
@@ -109,6 +111,8 @@ def run(args) -> int:
         f"({doc['visual_tokens']} visual) | {args.device} {args.dtype} {args.attn}"
     )
     print(format_table(rows))
+    for config, reason in skipped:
+        print(f"skipped {config}: {reason}")
     print(
         f"\nspeedup and FLOPs ratio are relative to the unmodified model; FLOPs are real (2 per multiply-add), "
         f"whole prompt. Wrote {args.out}"

@@ -61,6 +61,12 @@ class Context:
         return self._call.vision_inputs or {}
 
     @property
+    def shared(self) -> dict:
+        """A dict shared by the call's steps (observe and edit), fresh for every call: what one step
+        works out for later ones (e.g. SparseVLM's text raters)."""
+        return self._call.shared
+
+    @property
     def vision(self) -> dict:
         """What this call's vision steps stored (``VisionContext.store``); empty without images."""
         return self._call.vision
@@ -142,8 +148,12 @@ class Context:
     def attention(self, query: str = "last") -> torch.Tensor:
         """[B, n] the attention each slot receives from the query rows at this layer, recomputed from the
         layer's own norm, q/k projections and RoPE (any attention kernel), averaged over heads and rows."""
+        return self.attention_from(*self.query_slots(query))
+
+    def attention_from(self, slots: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """[B, n] as :meth:`attention`, from the query rows ``slots`` [B, Q] (``weight`` [B, Q] False: a
+        filler row that does not count): softmax over every key each row sees (causal)."""
         s = self.state
-        slots, weight = self.query_slots(query)
         if slots.shape[1] == 0:  # no sample has a query row: no ranking
             return torch.zeros(s.orig.shape, device=self.hidden.device)
         if s.cos is None:

@@ -2,8 +2,10 @@
 
 * :class:`Step`: at the input of decoder layer ``layer`` (0: the LLM's input, i.e. the embeddings with
   the image features merged in, before any layer), call ``edit(ctx)``, which returns a generic edit
-  (:mod:`leanvlm.engine.edits`) or None. A step may first observe an earlier layer: ``observe(ctx)``
-  runs at the input of ``observe_layer`` (e.g. FastV scores at layer K-1 and drops at K) and its result
+  (:mod:`leanvlm.engine.edits`), None, or a list of them applied in order (a callable in the list is
+  called with the context after the edits before it, and returns an edit). A step may first observe an earlier layer: ``observe(ctx)``
+  runs at the input of ``observe_layer``, after that layer's own edits (what the layer computes on; e.g.
+  FastV scores at layer K-1 and drops at K, SparseVLM's stages at consecutive layers), and its result
   reaches ``edit`` as ``ctx.observed``.
 * :class:`Vision`: at a vision-tower encoder layer's input, observe (or replace) its hidden states.
 * :class:`Replace`: decoder layers ``start .. end-1`` are computed by ``run(ctx, layer_idx, layer, hidden,

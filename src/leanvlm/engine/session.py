@@ -72,6 +72,7 @@ class _Call:
     #: sequences) after the vision tower ran on the original ones (transformers >= 5.23)
     replicas: int = 1
     tower_inputs: dict | None = None  # the image layout the vision tower ran on (the original samples')
+    shared: dict = field(default_factory=dict)  # what the call's steps hand each other (ctx.shared)
     next_pos: torch.Tensor | None = None  # [B] position after the input's last token
     pos_rows: int = 0
     # extend mode
@@ -549,25 +550,34 @@ class Engine:
         embeddings, its observers on the layer's input); a stage boundary records the token state."""
         if not call.has_visual:
             observe = edit = False
-        for k in self.observe_at.get(layer_idx, ()) if observe else ():
+        has_work = bool(self.observe_at.get(layer_idx) or self.edits_at.get(layer_idx))
+        timed = self.time_selection and not call.recompute and has_work and (observe or edit)
+        start = _clock(hidden.device) if timed else 0.0
+        watching = self.observe_at.get(layer_idx, ()) if observe else ()
+        for k in self.edits_at.get(layer_idx, ()) if edit else ():
             step = self.steps[k]
-            call.observed[k] = step.observe(Context(self, call, layer_idx, hidden, call.state))
+            if k in watching:  # a step observing its own layer: just before its edit
+                call.observed[k] = step.observe(Context(self, call, layer_idx, hidden, call.state))
+            ctx = Context(self, call, layer_idx, hidden, call.state, call.observed.pop(k, None))
+            edits = step.edit(ctx)
+            # a sequence of edits runs in order; a callable in it gets the context after the ones before
+            for item in edits if isinstance(edits, (list, tuple)) else (edits,):
+                if callable(item):
+                    item = item(Context(self, call, layer_idx, hidden, call.state, ctx.observed))
+                if item is None:
+                    continue
+                rotary = self.adapter.rotary if layer_idx > 0 else None
+                hidden, call.state, changed = apply_edit(item, hidden, call.state, rotary)
+                call.edited |= changed
+                call.reduced |= changed and layer_idx > 0
+        for k in watching:  # steps acting at a later layer observe what this layer really computes on
+            step = self.steps[k]
+            if step.layer != layer_idx:
+                call.observed[k] = step.observe(Context(self, call, layer_idx, hidden, call.state))
+        if timed:
+            self.trace.selection_ms += (_clock(hidden.device) - start) * 1e3
         if not edit:
             return hidden
-        timed = self.time_selection and layer_idx == 0 and not call.recompute
-        for k in self.edits_at.get(layer_idx, ()):
-            step = self.steps[k]
-            start = _clock(hidden.device) if timed else 0.0
-            ctx = Context(self, call, layer_idx, hidden, call.state, call.observed.pop(k, None))
-            edit = step.edit(ctx)
-            if edit is None:
-                continue
-            rotary = self.adapter.rotary if layer_idx > 0 else None
-            hidden, call.state, changed = apply_edit(edit, hidden, call.state, rotary)
-            if timed:
-                self.trace.selection_ms += (_clock(hidden.device) - start) * 1e3
-            call.edited |= changed
-            call.reduced |= changed and layer_idx > 0
         if layer_idx in self.layout:
             s = call.state
             call.stage_states.append(s)

@@ -66,8 +66,9 @@ class Trace:
     #: the FLOPs a method's own selection computed per sample outside the layers (e.g. DivPrune's
     #: distance matrix), as (what, [B] FLOPs)
     selection: list[tuple[str, torch.Tensor]] = field(default_factory=list)
-    #: wall time (ms) of the methods' own work before the LLM in the last prefill (vision steps and
-    #: input-stage edits), measured only while the engine's ``time_selection`` is on
+    #: wall time (ms) of the methods' own work in the last prefill (vision steps, and every step's
+    #: observe / edit: rankings, selection, merges), measured only while the engine's ``time_selection``
+    #: is on
     selection_ms: float = 0.0
     #: () -> [B, N] which image each input token belongs to (-1 elsewhere), computed when asked
     image_ids_of: Callable | None = None

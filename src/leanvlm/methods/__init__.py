@@ -7,6 +7,7 @@ from .divprune import DivPrune
 from .fastv import FastV
 from .llavolta import VisualContextCompression
 from .pyramiddrop import PyramidDrop
+from .sparsevlm import SparseVLM
 from .visionzip import VisionZip
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "Method",
     "PyramidDrop",
     "RandomDrop",
+    "SparseVLM",
     "UniformDrop",
     "VisionZip",
     "VisualContextCompression",
