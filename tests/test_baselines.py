@@ -7,6 +7,7 @@ import torch
 from models import PROMPTS, build, make_inputs
 
 import leanvlm as lv
+from leanvlm.methods.baselines import lattice, split, spread
 
 
 def kept_visual(model, inputs, method):
@@ -25,16 +26,50 @@ def test_random_is_deterministic_for_a_seed_and_differs_across_seeds():
     assert per_layer[0] == [8] * 5  # before the LLM: every layer sees the subset
 
 
-def test_uniform_keeps_evenly_spaced_tokens():
+def test_lattice_is_evenly_spaced_in_both_directions():
+    assert lattice(24, 24, 144) == [r * 24 + c for r in range(1, 24, 2) for c in range(1, 24, 2)]
+    assert lattice(24, 24, 64) == [r * 24 + c for r in range(1, 24, 3) for c in range(1, 24, 3)]
+    assert lattice(4, 4, 16) == list(range(16)) and lattice(4, 4, 0) == []
+    for rows, cols, k in [(3, 8, 6), (5, 7, 11), (24, 24, 57), (1, 9, 4), (9, 1, 4), (6, 6, 35)]:
+        picks = lattice(rows, cols, k)
+        assert len(picks) == k == len(set(picks)) and picks == sorted(picks)
+        assert all(0 <= p < rows * cols for p in picks)
+    # no whole columns: a budget whose raster stride divides the width still spreads over columns
+    assert len({p % 24 for p in lattice(24, 24, 144)}) == 12
+    assert split(5, [16, 16]) == [3, 2] and split(7, [4, 12]) == [2, 5] and split(3, [0, 0]) == [0, 0]
+
+
+def test_uniform_keeps_a_lattice_on_each_images_grid():
     model, proc = build("llava", num_layers=5)
-    inputs = make_inputs(proc, PROMPTS[:1])
+    inputs = make_inputs(proc, PROMPTS[3:4])  # two images of a 4 x 4 grid
     visual = lv.registry.find_adapter(model).visual_mask(inputs["input_ids"], None)[0].nonzero()[:, 0]
-    n = len(visual)
-    for k in (1, 4, 5, n):
+    images = [visual[:16], visual[16:]]
+    for k in (2, 8, 9, 32):
         kept, per_layer = kept_visual(model, inputs, lv.UniformDrop(layer=2, keep_tokens=k))
-        expected = visual[[int((i + 0.5) * n / k) for i in range(k)]]
+        expected = torch.cat(
+            [image[lattice(4, 4, part)] for image, part in zip(images, split(k, [16, 16]), strict=True)]
+        )
         assert torch.equal(kept[0], expected)
-        assert per_layer[0] == [n, n] + [k] * 3
+        assert per_layer[0] == [32, 32] + [k] * 3
+
+
+def test_uniform_on_a_qwen_grid_and_on_packed_tiles():
+    model, proc = build("qwen2-vl", num_layers=3)
+    inputs = make_inputs(proc, PROMPTS[:1])
+    adapter = lv.registry.find_adapter(model)
+    ((t, h, w),) = inputs["image_grid_thw"].tolist()
+    grid = (h // 2, w // 2)
+    assert adapter.token_grid(grid[0] * grid[1], {"image_grid_thw": inputs["image_grid_thw"]}) == grid
+    visual = adapter.visual_mask(inputs["input_ids"], None)[0].nonzero()[:, 0]
+    kept, _ = kept_visual(model, inputs, lv.UniformDrop(keep_tokens=4))
+    assert torch.equal(kept[0], visual[lattice(*grid, 4)])
+    next_model, next_proc = build("llava-next", num_layers=3)
+    next_inputs = make_inputs(next_proc, PROMPTS[:1])
+    next_visual = (
+        lv.registry.find_adapter(next_model).visual_mask(next_inputs["input_ids"], None)[0].nonzero()[:, 0]
+    )
+    kept, _ = kept_visual(next_model, next_inputs, lv.UniformDrop(keep_tokens=10))
+    assert torch.equal(kept[0], next_visual[spread(len(next_visual), 10)])  # packed tiles: raster order
 
 
 def test_random_reduces_samples_without_an_answer_span_in_training():

@@ -162,6 +162,12 @@ class Adapter:
             f"{type(self.model).__name__}: its visual tokens are not mapped to the tower"
         )
 
+    def token_grid(self, n: int, vision_inputs: dict) -> tuple[int, int] | None:
+        """(rows, cols) of an image (or video frame) with ``n`` visual tokens laid out as a raster grid,
+        when the model's layout says so unambiguously; None otherwise."""
+        grid = self.fixed_grid
+        return grid if grid is not None and grid[0] * grid[1] == n else None
+
     # --- questions the visualisation asks -------------------------------------------------------------
     def image_grids(self, inputs) -> list[tuple[int, int]]:
         """(rows, cols) of visual tokens of each image of the batch, in order; their tokens are

@@ -60,6 +60,19 @@ class QwenVLAdapter(Adapter):
             "image_grid_thw nor video_grid_thw of the call"
         )
 
+    def token_grid(self, n: int, vision_inputs: dict) -> tuple[int, int] | None:
+        """The merged (h, w) of the call's image or video grids whose frames have ``n`` tokens, when
+        exactly one shape matches."""
+        merge = self.model.config.vision_config.spatial_merge_size
+        shapes = {
+            (h // merge, w // merge)
+            for key in ("image_grid_thw", "video_grid_thw")
+            if vision_inputs.get(key) is not None
+            for _, h, w in vision_inputs[key].tolist()
+            if (h // merge) * (w // merge) == n
+        }
+        return shapes.pop() if len(shapes) == 1 else None
+
     def visual_kind(self, token, kinds) -> str:
         """ "image" or "video" for a visual token ``token`` (None when the input ids are not known: the
         only kind in ``kinds``)."""

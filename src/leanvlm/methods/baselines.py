@@ -74,6 +74,19 @@ class _Baseline(Method):
         return cls(keep_ratio=budget)  # before the LLM every layer keeps the same share
 
 
+def split(k: int, sizes: list[int]) -> list[int]:
+    """``k`` split over parts of ``sizes`` in proportion (largest remainders; ties to earlier parts)."""
+    total = sum(sizes)
+    if not total:
+        return [0] * len(sizes)
+    exact = [k * n / total for n in sizes]
+    out = [int(x) for x in exact]
+    order = sorted(range(len(sizes)), key=lambda i: (-(exact[i] - out[i]), i))
+    for i in order[: k - sum(out)]:
+        out[i] += 1
+    return out
+
+
 def _rank_among_visual(ctx) -> tuple[torch.Tensor, torch.Tensor]:
     """(rank of each visual slot among its sample's visual slots, in order; the sample's visual count)."""
     visual = ctx.state.visual
@@ -122,15 +135,37 @@ class RandomDrop(_Baseline):
         return draw[rank.clamp(0, max(longest - 1, 0))].masked_fill(~ctx.state.visual, 0.0)
 
 
+def spread(n: int, k: int) -> list[int]:
+    """``k`` of ``n`` evenly spaced: ``floor((i + 1/2) * n / k)``, i = 0..k-1."""
+    return [int((2 * i + 1) * n // (2 * k)) for i in range(k)] if k else []
+
+
+def lattice(rows: int, cols: int, k: int) -> list[int]:
+    """``k`` raster indices of a ``rows`` x ``cols`` grid, evenly spaced in both directions: an a x b
+    lattice (a / b close to the grid's aspect, a * b >= k) of cell centres ``floor((i + 1/2) * rows /
+    a)``, ``floor((j + 1/2) * cols / b)``, of which ``k`` evenly spaced in raster order are taken."""
+    if k >= rows * cols:
+        return list(range(rows * cols))
+    if k <= 0:
+        return []
+    a = max(1, min(rows, round((k * rows / cols) ** 0.5)))
+    b = max(1, min(cols, -(-k // a)))
+    a = max(a, min(rows, -(-k // b)))  # a * b >= k
+    points = [r * cols + c for r in spread(rows, a) for c in spread(cols, b)]
+    return [points[i] for i in spread(len(points), k)]
+
+
 @register_method("uniform")
 @dataclass(frozen=True)
 class UniformDrop(_Baseline):
-    """Keep evenly spaced visual tokens: of a sample's N visual tokens (in the model's order: raster
-    order per image, images one after another) keep k at ``floor((i + 1/2) * N / k)``, i = 0..k-1.
+    """Keep evenly spaced visual tokens on each image's grid.
 
-    On one image this is a strided subset in raster order (a stride that divides the grid's width
-    keeps whole columns); it is not a 2-D lattice. ``layer``, ``keep_ratio``, ``keep_tokens`` and
-    ``positions`` as :class:`RandomDrop`.
+    A sample keeps ``k = keep_count(N)`` of its N visual tokens, split over its images in proportion to
+    their tokens (largest remainders, earlier images first). An image whose grid the model's layout
+    gives (LLaVA-1.5's fixed grid; Qwen-VL's merged grid of an image or video frame, when its token
+    count matches one grid of the call) keeps a 2-D lattice (:func:`lattice`); other images (LLaVA-NeXT's
+    packed tiles) keep ``floor((i + 1/2) * n / k_image)`` in raster order. ``layer``, ``keep_ratio``,
+    ``keep_tokens`` and ``positions`` as :class:`RandomDrop`.
     """
 
     layer: int = 0
@@ -142,11 +177,13 @@ class UniformDrop(_Baseline):
         self._check()
 
     def scores(self, ctx) -> torch.Tensor:
-        rank, counts = _rank_among_visual(ctx)
-        wanted = torch.tensor([self.keep_count(n) for n in ctx.visual_counts], device=rank.device)
-        # slot i of k sits at floor((i + 1/2) * N / k): a visual token is picked when it is one of them
-        n = counts[:, None].clamp_min(1)
-        k = wanted[:, None].clamp_min(1)
-        i = torch.floor((rank * k) / n)  # the pick whose interval the token falls in
-        picked = torch.floor((2 * i + 1) * n / (2 * k)) == rank
-        return picked.float().masked_fill(~ctx.state.visual, 0.0)
+        s = ctx.state
+        picked = torch.zeros(s.orig.shape, device=s.orig.device)
+        for b, images in enumerate(ctx.image_slots()):
+            slots = list(images.values())
+            sizes = [len(idx) for idx in slots]
+            for idx, k in zip(slots, split(self.keep_count(sum(sizes)), sizes), strict=True):
+                grid = ctx.adapter.token_grid(len(idx), ctx.vision_inputs)
+                chosen = lattice(*grid, k) if grid else spread(len(idx), k)
+                picked[b, [idx[i] for i in chosen]] = 1.0
+        return picked.masked_fill(~s.visual, 0.0)

@@ -87,13 +87,13 @@ class SparseVLM(Method):
     def __post_init__(self):
         if self.keep_ratio is not None:
             check_range("SparseVLM", "keep_ratio", self.keep_ratio, 0, 1, low_open=True)
-            if self.keep_tokens == 192:  # the default: keep_ratio replaces it
+            if is_int(self.keep_tokens) and self.keep_tokens == 192:  # the default: keep_ratio replaces it
                 object.__setattr__(self, "keep_tokens", None)
             if self.keep_tokens is not None:
                 raise ConfigError(
                     f"SparseVLM: give keep_tokens={show(self.keep_tokens)} or keep_ratio={self.keep_ratio}, not both"
                 )
-        elif self.keep_tokens not in V15_BUDGETS:
+        elif not is_int(self.keep_tokens) or self.keep_tokens not in V15_BUDGETS:
             raise ConfigError(
                 f"SparseVLM: keep_tokens={show(self.keep_tokens)} is not one of the reference's settings "
                 f"{', '.join(map(str, V15_BUDGETS))} (or give keep_ratio)"
