@@ -297,15 +297,22 @@ def test_qwen_window_order_is_the_models():
     )
 
 
-def test_refused_when_the_features_are_the_last_layers():
+def test_refused_when_the_features_are_the_last_layers_or_there_is_no_cls():
     model = copy.deepcopy(build("llava", num_layers=3)[0])
     model.config.vision_feature_layer = -1
     with pytest.raises(
-        lv.UnsupportedModelError, match=r"VisionZip: .*vision_feature_layer=-1.*before the last"
+        lv.UnsupportedModelError,
+        match=r"VisionZip: .*the vision tower's last layer \(1 of 0..1\).*before the last",
     ):
         lv.apply(model, lv.VisionZip())
     model.config.vision_feature_layer = -3  # the embeddings of a 2-layer tower
     with pytest.raises(lv.UnsupportedModelError, match=r"VisionZip: .*the vision tower's embeddings"):
+        lv.apply(model, lv.VisionZip())
+    model.config.vision_feature_layer = -2
+    del model.model.vision_tower.embeddings.class_embedding  # a tower without a CLS token (as SigLIP)
+    with pytest.raises(
+        lv.UnsupportedModelError, match=r"VisionZip: .* has no CLS token .*supported: towers with"
+    ):
         lv.apply(model, lv.VisionZip())
 
 

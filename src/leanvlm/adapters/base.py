@@ -60,8 +60,9 @@ class Adapter:
     model_classes: tuple[str, ...] = ()
     #: RoPE positions can be re-numbered (False for M-RoPE, whose ids encode (t, h, w)).
     supports_compact_positions: bool = True
-    #: the vision tower's kind, for methods that read it: "clip" (a CLS token, one sequence per image or
-    #: tile), "qwen" (Qwen-VL: patches of every image in one sequence, 2x2 merged after the blocks)
+    #: the vision tower's kind, for methods that read it: "cls" (a CLS token leads one sequence per image
+    #: or tile: CLIP), "patches" (every image's patches in one sequence, merged after the blocks: Qwen-VL),
+    #: None (neither, or not known: e.g. SigLIP)
     tower: str | None = None
 
     def __init__(self, model: nn.Module):

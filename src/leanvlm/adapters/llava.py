@@ -1,5 +1,6 @@
 import torch
 
+from .. import compat
 from ..errors import UnsupportedModelError
 from ..flops import ModelShape, VisionShape
 from ..registry import register_adapter
@@ -13,7 +14,10 @@ class LlavaAdapter(Adapter):
 
     name = "llava"
     model_classes = ("LlavaForConditionalGeneration",)
-    tower = "clip"
+
+    @property
+    def tower(self) -> str | None:
+        return "cls" if compat.has_cls_token(self.model.model.vision_tower) else None
 
     @classmethod
     def model_shape(cls, config) -> ModelShape:
@@ -69,6 +73,11 @@ class LlavaAdapter(Adapter):
                 "tower needs one layer"
             )
         return layer % (n + 1) - 1, cfg.vision_feature_select_strategy == "full"
+
+    def cls_query_key(self, layer: int, hidden: torch.Tensor):
+        """(q of the CLS token [S, H, 1, Dh], k of every token [S, H, N, Dh], scale) as vision encoder
+        layer ``layer`` computes them from its input ``hidden`` [S, N, D]."""
+        return compat.vision_query_key(self.vision_layers[layer], hidden)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return self.model.model.multi_modal_projector(features)

@@ -29,7 +29,7 @@ class QwenVLAdapter(Adapter):
     name = "qwen2-vl"
     model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
     supports_compact_positions = False
-    tower = "qwen"
+    tower = "patches"
 
     # --- the vision tower, for methods that read it (VisionZip) --------------------------------------
     @property
@@ -43,6 +43,11 @@ class QwenVLAdapter(Adapter):
         visual = self.model.model.visual
         full = getattr(visual, "fullatt_block_indexes", None)
         return max(full) if full else len(visual.blocks) - 1
+
+    def patch_query_key(self, layer: int, hidden: torch.Tensor, kwargs: dict):
+        """(q, k with RoPE [H, P, Dh], k without RoPE, scaling, cu_seqlens) as vision block ``layer``
+        computes them from its input ``hidden`` [P, D] and its call arguments."""
+        return compat.qwen_vision_query_key(self.vision_layers[layer], hidden, kwargs)
 
     def window_index(self, grid: torch.Tensor) -> torch.Tensor | None:
         """For each merged group of the blocks' patch order, its raster index (None: raster already)."""

@@ -101,6 +101,15 @@ class Context:
         s = self.state
         return s.valid & (s.orig < self._call.prompt_len) & (s.kind != INSERTED)
 
+    def instruction(self) -> torch.Tensor:
+        """[B, n] each sample's instruction: its prompt's text tokens after its last visual token (the
+        question and the chat template), or all of its prompt's text when none follows an image."""
+        s = self.state
+        text = self.in_prompt & ~s.visual
+        last_visual = torch.where(s.visual, s.slots, -1).max(-1, keepdim=True).values
+        after = text & (s.slots > last_visual)
+        return torch.where(after.any(-1, keepdim=True), after, text)
+
     def last_prompt_slot(self) -> torch.Tensor:
         """[B, 1] the slot of the last prompt token (-1 for a row of padding only): what generation
         continues from."""

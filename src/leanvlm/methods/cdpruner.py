@@ -92,15 +92,8 @@ class CDPruner(PerImageSelection):
 
     def text_slots(self, ctx, b: int) -> torch.Tensor:
         """Slots of sample ``b`` whose input embeddings the relevance is computed against."""
-        s = ctx.state
-        text = ctx.in_prompt[b] & ~s.visual[b]
-        if self.text == "instruction":
-            visual = s.visual[b].nonzero()
-            if len(visual):
-                after = text & (s.slots[b] > visual[-1, 0])
-                if after.any():
-                    text = after
-        return text.nonzero()[:, 0]
+        text = ctx.instruction() if self.text == "instruction" else ctx.in_prompt & ~ctx.state.visual
+        return text[b].nonzero()[:, 0]
 
     def select(self, ctx, b, slots, features, k):
         n, d = features.shape

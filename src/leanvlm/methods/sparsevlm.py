@@ -213,19 +213,10 @@ class SparseVLM(Method):
             )
         return steps
 
-    def instruction(self, ctx) -> torch.Tensor:
-        """[B, n] the text tokens of each sample's instruction: after its last visual token (all of its
-        prompt's text when none follows)."""
-        s = ctx.state
-        text = ctx.in_prompt & ~s.visual
-        last_visual = torch.where(s.visual, s.slots, -1).max(-1, keepdim=True).values
-        after = text & (s.slots > last_visual)
-        return torch.where(after.any(-1, keepdim=True), after, text)
-
     def _raters(self, ctx):
         """At the LLM's input: each sample's raters, kept in input coordinates for later layers."""
         s, hidden = ctx.state, ctx.hidden.detach().float()
-        text = self.instruction(ctx)
+        text = ctx.instruction()
         raters = torch.zeros_like(text)
         for b in range(hidden.shape[0]):
             t, v = text[b].nonzero()[:, 0], s.visual[b].nonzero()[:, 0]

@@ -4,7 +4,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import compat
 from ..engine.edits import Keep
 from ..engine.plan import Step, Vision
 from ..errors import ConfigError, LeanVLMError, UnsupportedModelError, check_range, is_int, show
@@ -154,41 +153,40 @@ class VisionZip(Method):
 
     def check_adapter(self, adapter) -> None:
         super().check_adapter(adapter)
-        if adapter.tower == "qwen":
+        if adapter.tower == "patches":
             return
+        if adapter.tower != "cls":
+            raise UnsupportedModelError(
+                f"VisionZip: the vision tower of {type(adapter.model).__name__} has no CLS token (e.g. SigLIP), "
+                "whose attention VisionZip ranks by; supported: towers with a CLS token (CLIP: LLaVA-1.5, "
+                "LLaVA-NeXT) and towers of merged patches (Qwen2-VL, Qwen2.5-VL)"
+            )
         try:
             layer, _ = adapter.feature_layer()
         except UnsupportedModelError as err:
             raise UnsupportedModelError(f"VisionZip: {err}") from None
-        if not compat.has_cls_token(adapter.model.model.vision_tower):
-            raise UnsupportedModelError(
-                f"VisionZip: the vision tower of {type(adapter.model).__name__} "
-                f"({type(adapter.model.model.vision_tower).__name__}) has no CLS token (e.g. SigLIP), whose "
-                "attention VisionZip ranks by; supported: CLIP towers, and Qwen2-VL / Qwen2.5-VL"
-            )
+        n = len(adapter.vision_layers)
         if layer < 0:
             raise UnsupportedModelError(
-                f"VisionZip: the image features are the vision tower's embeddings (vision_feature_layer="
-                f"{adapter.model.config.vision_feature_layer} of {len(adapter.vision_layers)} layers): there is no "
-                "attention to read"
+                f"VisionZip: the image features are the vision tower's embeddings (before its {n} layers): "
+                "there is no attention to read; it needs features from a layer before the last"
             )
-        if layer >= len(adapter.vision_layers) - 1:
+        if layer >= n - 1:
             raise UnsupportedModelError(
-                f"VisionZip: the image features are the vision tower's last layer's output "
-                f"(vision_feature_layer={adapter.model.config.vision_feature_layer}); VisionZip reads them at "
-                "the next layer's input, so it needs a feature layer before the last"
+                f"VisionZip: the image features are the output of the vision tower's last layer ({layer} of "
+                f"0..{n - 1}); VisionZip reads them at the next layer's input, so it needs a feature layer "
+                "before the last"
             )
 
     def plan(self, adapter) -> list:
         compact = self.resolved_positions(adapter.supports_compact_positions) == "compact"
-        if adapter.tower == "qwen":
-            return self._plan_qwen(adapter, compact)
+        if adapter.tower == "patches":
+            return self._plan_patches(adapter, compact)
         layer, has_cls = adapter.feature_layer()
 
         def attention(vctx):
-            module = adapter.vision_layers[vctx.layer]
             with torch.no_grad():
-                q, k, scale = compat.vision_query_key(module, vctx.hidden.detach())
+                q, k, scale = adapter.cls_query_key(vctx.layer, vctx.hidden.detach())
                 probs = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * scale, -1)  # [S, H, 1, N]
             vctx.store["visionzip_cls"] = probs[:, :, 0].sum(1)  # [S, N]
             vctx.store["visionzip_keys"] = k.float().mean(1)  # [S, N, Dh]
@@ -197,7 +195,7 @@ class VisionZip(Method):
             vctx.store["visionzip_hidden"] = vctx.hidden  # the feature layer's output
 
         def select(ctx):
-            return self._select_clip(ctx, adapter, has_cls, compact)
+            return self._select_cls(ctx, adapter, has_cls, compact)
 
         return [Vision(layer, attention), Vision(layer + 1, features), Step(0, select)]
 
@@ -241,8 +239,8 @@ class VisionZip(Method):
         keep |= (s.slots == last) & (last >= 0)  # generation continues from it
         return Keep(keep, compact=compact, hidden=new if merged_any else None)
 
-    # --- CLIP towers (LLaVA, LLaVA-NeXT) ---------------------------------------------------------------
-    def _select_clip(self, ctx, adapter, has_cls: bool, compact: bool):
+    # --- towers with a CLS token (CLIP: LLaVA, LLaVA-NeXT) ---------------------------------------------------------------
+    def _select_cls(self, ctx, adapter, has_cls: bool, compact: bool):
         s, hidden = ctx.state, ctx.hidden
         store = ctx.vision
         if "visionzip_hidden" not in store:
@@ -325,15 +323,14 @@ class VisionZip(Method):
             total += self.cost(v.tokens, v.hidden, v.hidden // v.heads, others, ctx, shape.projector)
         return total
 
-    # --- Qwen-VL towers (ours: no CLS token) -----------------------------------------------------------
-    def _plan_qwen(self, adapter, compact: bool) -> list:
+    # --- towers of merged patches, no CLS token (Qwen-VL; ours) -----------------------------------------------------------
+    def _plan_patches(self, adapter, compact: bool) -> list:
         unit = adapter.merge_unit
 
         def observe(vctx):
-            block = adapter.vision_layers[vctx.layer]
             with torch.no_grad():
-                q, k, k_plain, scaling, cu = compat.qwen_vision_query_key(
-                    block, vctx.hidden.detach(), vctx.kwargs
+                q, k, k_plain, scaling, cu = adapter.patch_query_key(
+                    vctx.layer, vctx.hidden.detach(), vctx.kwargs
                 )
                 received = attention_received(q.float(), k.float(), scaling, cu.tolist())
             kind, grid = adapter.tower_run(
@@ -359,11 +356,11 @@ class VisionZip(Method):
             vctx.store.setdefault("visionzip_frames", {})[kind] = frames
 
         def select(ctx):
-            return self._select_qwen(ctx, adapter, compact)
+            return self._select_patches(ctx, adapter, compact)
 
         return [Vision(adapter.attention_block(), observe), Step(0, select)]
 
-    def _select_qwen(self, ctx, adapter, compact: bool):
+    def _select_patches(self, ctx, adapter, compact: bool):
         s, hidden = ctx.state, ctx.hidden
         frames = ctx.vision.get("visionzip_frames")
         if not frames:
