@@ -123,6 +123,16 @@ def layer_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
+def cache_write(cache, keys: torch.Tensor, values: torch.Tensor, layer_idx: int):
+    """Append ``keys`` / ``values`` [B, H_kv, n, Dh] (RoPE applied) to layer ``layer_idx`` of ``cache``, as
+    a decoder layer's attention does (5.18-5.24: ``cache.update(k, v, layer_idx)``); returns the layer's
+    whole (keys, values)."""
+    update = getattr(cache, "update", None)
+    if update is None:
+        raise fail(f"{type(cache).__name__} has no update(keys, values, layer_idx)")
+    return update(keys, values, layer_idx)
+
+
 def reducible_cache_problem(cache) -> str | None:
     """Why ``cache`` cannot hold layers of different lengths (None when it can): only a DynamicCache of
     plain full-attention DynamicLayers lets every layer keep its own length."""

@@ -113,6 +113,19 @@ def scoring_flops(t: TextShape, n_tokens: int, n_queries: int) -> int:
     )
 
 
+def split_layer_flops(t: TextShape, n: int, kv_only: int, extra: int) -> tuple[int, int, int]:
+    """(attention projections, scores, FFN) of a layer where ``kv_only`` of its ``n`` tokens give only
+    keys and values (norm + K/V projections) and ``extra`` more tokens are queries and keys (ProxyV's
+    proxies, which see each other causally). The other queries are counted as seeing every key-only
+    token and each other causally (an upper bound: text before an image sees none of it)."""
+    q_out, kv_out = t.heads * t.head_dim, t.kv_heads * t.head_dim
+    queries = n - kv_only + extra
+    proj = 2 * queries * t.hidden * q_out * 2 + 2 * (n + extra) * t.hidden * 2 * kv_out
+    m = n - kv_only
+    pairs = m * kv_only + m * (m + 1) // 2 + extra * (extra + 1) // 2
+    return proj, 2 * 2 * pairs * t.heads * t.head_dim, ffn_flops(t, queries)
+
+
 def paper_layer_flops(t: TextShape, n_visual: int) -> int:
     """PyramidDrop's per-layer count: one per multiply-add, visual tokens only."""
     d, m = t.hidden, t.intermediate
@@ -129,10 +142,15 @@ class LayerFlops:
     attn_scores: int
     ffn: int
     paper: int
+    #: split layers (ProxyV): tokens that gave only keys and values, tokens beyond the sequence's own
+    #: (queries and keys), FLOPs of the method's own modules
+    kv_only: int = 0
+    extra: int = 0
+    module: int = 0
 
     @property
     def total(self) -> int:
-        return self.attn_proj + self.attn_scores + self.ffn
+        return self.attn_proj + self.attn_scores + self.ffn + self.module
 
 
 @dataclass
@@ -234,6 +252,7 @@ def report(
     scoring: list[tuple[int, int]] = (),
     input_visual: int | None = None,
     selection: int = 0,
+    layer_work: list[tuple[int, int, int]] | None = None,
 ) -> FlopsReport:
     """FLOPs of one sample's prefill given what each layer processed (tokens incl. visual).
 
@@ -241,7 +260,11 @@ def report(
     input-stage method removed some before the LLM).
 
     ``vision_sequences``: the length of every sequence the vision tower ran (one per image, or per
-    crop / tile); by default ``images`` sequences of the shape's fixed length."""
+    crop / tile); by default ``images`` sequences of the shape's fixed length.
+
+    ``layer_work``: per layer, (key/value-only tokens, extra tokens, module FLOPs) of layers a method
+    computes in a split form (:func:`split_layer_flops`); the paper convention counts such a layer as
+    its extra tokens' full cost, the key/value projections of the others and half the module FLOPs."""
     t = shape.text
     if len(tokens_per_layer) != t.num_layers or len(visual_per_layer) != t.num_layers:
         raise ValueError(
@@ -259,6 +282,11 @@ def report(
         )
         for i, (n, v) in enumerate(zip(tokens_per_layer, visual_per_layer, strict=True))
     ]
+    for lf, (kv_only, extra, module) in zip(layers, layer_work or (), strict=False):
+        if kv_only or extra or module:
+            lf.attn_proj, lf.attn_scores, lf.ffn = split_layer_flops(t, lf.tokens, kv_only, extra)
+            lf.kv_only, lf.extra, lf.module = kv_only, extra, module
+            lf.paper = paper_layer_flops(t, extra) + kv_only * 2 * t.hidden**2 + module // 2
     per_token = sum(
         attention_projection_flops(t, 1) + attention_score_flops(t, 1, n + 1) + ffn_flops(t, 1)
         for n in tokens_per_layer
@@ -315,6 +343,7 @@ def from_trace(
         scoring=trace.scoring_counts(sample),
         input_visual=input_visual,
         selection=trace.selection_flops(sample),
+        layer_work=trace.layer_work_counts(sample),
     )
     if (
         shape.vision is not None
@@ -358,6 +387,14 @@ def schedule_scoring(method, tokens_per_layer: list[int], n_text: int) -> list[t
         (tokens_per_layer[s - 1] if s > 0 else tokens_per_layer[0], queries)
         for s in method.scoring_layers(len(tokens_per_layer))
     ]
+
+
+def schedule_layer_work(method, shape: ModelShape, images: list[int]) -> list[tuple[int, int, int]] | None:
+    """Per layer, what ``method`` computes in a split form for one prompt whose images have ``images``
+    visual tokens each (:meth:`leanvlm.methods.base.Method.layer_work`; None when nothing is split)."""
+    if method is None or method.is_noop:
+        return None
+    return method.layer_work(shape, images)
 
 
 def dtype_size(dtype: torch.dtype | str) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -47,6 +49,24 @@ def assign_image_ids(visual: torch.Tensor, counts: list[int] | int | None, first
                 out[b][j] = image
             previous = is_visual
     return torch.tensor(out, dtype=torch.long, device=visual.device).reshape(visual.shape)
+
+
+@dataclass(frozen=True)
+class LayerParts:
+    """A LLaMA-style decoder layer taken apart, for runners that compute a layer by hand
+    (:mod:`leanvlm.engine.stack`): x + attn(norm(x)), then h + mlp(post_norm(h))."""
+
+    input_norm: nn.Module
+    q_proj: nn.Module
+    k_proj: nn.Module
+    v_proj: nn.Module
+    o_proj: nn.Module
+    q_norm: nn.Module | None
+    k_norm: nn.Module | None
+    post_norm: nn.Module
+    mlp: nn.Module
+    head_dim: int
+    scaling: float
 
 
 class Adapter:
@@ -169,6 +189,18 @@ class Adapter:
         grid = self.fixed_grid
         return grid if grid is not None and grid[0] * grid[1] == n else None
 
+    def visual_layout(self, vision_inputs: dict, image: int, n: int):
+        """Where the ``n`` visual tokens of image ``image`` of the batch (numbered as :meth:`image_ids`)
+        sit: ``(cells, tiles)``, with ``cells`` [n, 3] long the (tile, row, col) of each token on its
+        tile's raster grid ((-1, -1, -1) for a token on no grid, e.g. a row newline) and ``tiles`` the
+        (rows, cols) of each tile; None when the model's layout does not say."""
+        grid = self.token_grid(n, vision_inputs)
+        if grid is None:
+            return None
+        rows, cols = grid
+        index = torch.arange(n)
+        return torch.stack([torch.zeros_like(index), index // cols, index % cols], -1), [grid]
+
     # --- questions the visualisation asks -------------------------------------------------------------
     def image_grids(self, inputs) -> list[tuple[int, int]]:
         """(rows, cols) of visual tokens of each image of the batch, in order; their tokens are
@@ -231,6 +263,43 @@ class Adapter:
         q = apply_rope(q.transpose(1, 2), cos.gather(1, slots), sin.gather(1, slots))
         k = apply_rope(k.transpose(1, 2), cos, sin)
         return q, k, attn.scaling
+
+    def layer_parts(self, layer_idx: int) -> LayerParts:
+        """Decoder layer ``layer_idx``'s parts, for computing it by hand; refused (naming what) for a
+        layer that is more than pre-norm attention + pre-norm MLP (sliding windows, logit soft-capping,
+        extra norms, attention sinks)."""
+        layer = self.layers[layer_idx]
+        attn = layer.self_attn
+        owner = f"{type(self.model).__name__} decoder layer {layer_idx} ({type(layer).__name__})"
+        needed = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling")
+        missing = [n for n in needed if not hasattr(attn, n)]
+        missing += [n for n in ("input_layernorm", "post_attention_layernorm", "mlp") if not hasattr(layer, n)]
+        if missing:
+            raise UnsupportedModelError(f"{owner}: can not be computed by hand; it has no {', '.join(missing)}")
+        extras = [
+            f"{n}={getattr(attn, n)!r}"
+            for n in ("sliding_window", "attn_logit_softcapping", "sinks")
+            if getattr(attn, n, None) is not None
+        ]
+        extras += [n for n in ("pre_feedforward_layernorm", "post_feedforward_layernorm") if hasattr(layer, n)]
+        if extras:
+            raise UnsupportedModelError(
+                f"{owner}: can not be computed by hand: it has {', '.join(extras)} (supported: plain pre-norm "
+                "attention and MLP, as LLaMA / Qwen2 layers)"
+            )
+        return LayerParts(
+            input_norm=layer.input_layernorm,
+            q_proj=attn.q_proj,
+            k_proj=attn.k_proj,
+            v_proj=attn.v_proj,
+            o_proj=attn.o_proj,
+            q_norm=getattr(attn, "q_norm", None),
+            k_norm=getattr(attn, "k_norm", None),
+            post_norm=layer.post_attention_layernorm,
+            mlp=layer.mlp,
+            head_dim=attn.head_dim,
+            scaling=attn.scaling,
+        )
 
     def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) for ``position_ids`` as the LLM computes them."""

@@ -59,9 +59,10 @@ class LlavaNextAdapter(LlavaAdapter):
         ]
         return [tokens] * sum(crops)
 
-    def feature_sources(self, vision_inputs: dict, sequences: int) -> list[torch.Tensor]:
-        """Base view first (its tile in raster order), then the unpadded grid of the high-resolution tiles
-        row by row, each row closed by a newline token (-1, -1), as the model packs them."""
+    def _packing(self, height: int, width: int) -> tuple[list[tuple[int, int]], int]:
+        """One image's packed tokens as (tile, patch) pairs (tile 0: the base view; (-1, -1): a row
+        newline), the base view first, then the unpadded grid of the high-resolution tiles row by row;
+        and how many tiles the tower ran for it."""
         cfg = self.model.config
         if cfg.vision_feature_select_strategy != "default":
             raise UnsupportedModelError(
@@ -70,30 +71,48 @@ class LlavaNextAdapter(LlavaAdapter):
             )
         tile = cfg.vision_config.image_size
         side = tile // cfg.vision_config.patch_size
+        canvas_h, canvas_w = compat.anyres_canvas((height, width), cfg.image_grid_pinpoints)
+        tiles_h, tiles_w = canvas_h // tile, canvas_w // tile
+        rows, cols = range(side * tiles_h), range(side * tiles_w)
+        if width / height > len(cols) / len(rows):  # wider: rows of padding above and below go
+            pad = (len(rows) - int(round(height * (len(cols) / width), 7))) // 2
+            rows = rows[pad : len(rows) - pad]
+        else:
+            pad = (len(cols) - int(round(width * (len(rows) / height), 7))) // 2
+            cols = cols[pad : len(cols) - pad]
+        pairs = [(0, p) for p in range(side * side)]
+        for r in rows:
+            for c in cols:
+                pairs.append((1 + (r // side) * tiles_w + c // side, (r % side) * side + c % side))
+            pairs.append((-1, -1))
+        return pairs, 1 + tiles_h * tiles_w
+
+    def feature_sources(self, vision_inputs: dict, sequences: int) -> list[torch.Tensor]:
+        """Base view first (its tile in raster order), then the unpadded grid of the high-resolution tiles
+        row by row, each row closed by a newline token (-1, -1), as the model packs them."""
         out, first = [], 0
         for height, width in vision_inputs["image_sizes"].tolist():
-            canvas_h, canvas_w = compat.anyres_canvas((height, width), cfg.image_grid_pinpoints)
-            tiles_h, tiles_w = canvas_h // tile, canvas_w // tile
-            rows, cols = range(side * tiles_h), range(side * tiles_w)
-            if width / height > len(cols) / len(rows):  # wider: rows of padding above and below go
-                pad = (len(rows) - int(round(height * (len(cols) / width), 7))) // 2
-                rows = rows[pad : len(rows) - pad]
-            else:
-                pad = (len(cols) - int(round(width * (len(rows) / height), 7))) // 2
-                cols = cols[pad : len(cols) - pad]
-            pairs = [(first, 1 + p) for p in range(side * side)]
-            for r in rows:
-                for c in cols:
-                    crop = first + 1 + (r // side) * tiles_w + c // side
-                    pairs.append((crop, 1 + (r % side) * side + c % side))
-                pairs.append((-1, -1))
-            out.append(torch.tensor(pairs))
-            first += 1 + tiles_h * tiles_w
+            pairs, tiles = self._packing(height, width)
+            out.append(torch.tensor([(first + t, 1 + p) if t >= 0 else (-1, -1) for t, p in pairs]))
+            first += tiles
         if first != sequences:
             raise UnsupportedModelError(
                 f"{type(self.model).__name__}: image_sizes give {first} tiles but the vision tower ran {sequences}"
             )
         return out
+
+    def visual_layout(self, vision_inputs: dict, image: int, n: int):
+        """Each tile on its own grid (the base view, then every high-resolution tile, partial where
+        un-padding cut it); row newlines are on no grid."""
+        sizes = vision_inputs.get("image_sizes")
+        if sizes is None or image >= len(sizes):
+            return None
+        pairs, tiles = self._packing(*sizes[image].tolist())
+        if len(pairs) != n:
+            return None
+        side = self.model.config.vision_config.image_size // self.model.config.vision_config.patch_size
+        cells = [(t, p // side, p % side) if t >= 0 else (-1, -1, -1) for t, p in pairs]
+        return torch.tensor(cells), [(side, side)] * tiles
 
     fixed_grid = None  # AnyRes: every image has its own layout
     image_grids = Adapter.image_grids  # AnyRes tiles are not drawn yet: refused with a clear error

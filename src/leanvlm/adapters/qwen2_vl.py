@@ -78,6 +78,24 @@ class QwenVLAdapter(Adapter):
         }
         return shapes.pop() if len(shapes) == 1 else None
 
+    def visual_layout(self, vision_inputs: dict, image: int, n: int):
+        """An image, or one video frame, is one grid: the merged (h, w) of its entry in
+        ``image_grid_thw`` (images are numbered first) or ``video_grid_thw`` (then every frame), as
+        :meth:`image_ids` numbers them."""
+        merge = self.model.config.vision_config.spatial_merge_size
+        grids = [
+            (h // merge, w // merge)
+            for key in ("image_grid_thw", "video_grid_thw")
+            if vision_inputs.get(key) is not None
+            for t, h, w in vision_inputs[key].tolist()
+            for _ in range(t)
+        ]
+        if image >= len(grids) or grids[image][0] * grids[image][1] != n:
+            return None
+        rows, cols = grids[image]
+        index = torch.arange(n)
+        return torch.stack([torch.zeros_like(index), index // cols, index % cols], -1), [grids[image]]
+
     def visual_kind(self, token, kinds) -> str:
         """ "image" or "video" for a visual token ``token`` (None when the input ids are not known: the
         only kind in ``kinds``)."""

@@ -86,6 +86,9 @@ def run(args) -> int:
             selection=flops.schedule_selection(
                 method, shape, [shape.visual_tokens_per_image] * args.images, args.text_tokens
             ),
+            layer_work=flops.schedule_layer_work(
+                method, shape, [shape.visual_tokens_per_image] * args.images
+            ),
         )
         if method is not None and method.stage in ("vision", "input") and not method.is_noop:
             rep.notes.append(

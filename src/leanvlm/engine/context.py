@@ -131,6 +131,19 @@ class Context:
         if not self._call.recompute:
             self._engine.trace.selection.append((what, torch.as_tensor(flops)))
 
+    def record_layer_work(self, kv_only, extra, module_flops) -> None:
+        """A runner that computed this layer in a split form records, per sample [B]: the tokens that
+        only gave keys and values, the tokens processed beyond the sequence's own, and the FLOPs of the
+        method's own modules here (what FLOPs reports count for the layer)."""
+        if not self._call.recompute:
+            values = tuple(torch.as_tensor(v).cpu() for v in (kv_only, extra, module_flops))
+            self._engine.trace.layer_work[self.layer] = values
+
+    @property
+    def cache(self):
+        """The KV cache this call fills (None without one)."""
+        return self._call.cache
+
     def image_slots(self) -> list[dict[int, list[int]]]:
         """Per sample: each image's visual slots, in order ({image: [slot, ...]}; see :meth:`image_ids`)."""
         out = []

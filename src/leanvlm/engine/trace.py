@@ -76,6 +76,10 @@ class Trace:
     decode: list[DecodeRecord] = field(default_factory=list)
     #: the vision-related inputs of the last prefill (image sizes / grids), for vision FLOPs
     vision_inputs: dict | None = None
+    #: layers a method's runner computed in a split form, by layer: (tokens that gave only keys and
+    #: values [B], tokens the layer processed beyond the sequence's own [B], FLOPs of the method's own
+    #: modules in the layer [B]) (ProxyV: full vision tokens, proxies, the guided update)
+    layer_work: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     prefills: int = 0
 
     def __repr__(self) -> str:
@@ -93,6 +97,7 @@ class Trace:
         self.image_ids_of = None
         self.decode = []
         self.vision_inputs = None
+        self.layer_work = {}
         self.prefills += 1
 
     @property
@@ -147,6 +152,16 @@ class Trace:
     def scoring_counts(self, sample: int) -> list[tuple[int, int]]:
         """(tokens, query rows) of every ranking computation of ``sample``, for FLOPs accounting."""
         return [(int(r.tokens[sample]), int(r.queries[sample])) for r in self.scoring]
+
+    def layer_work_counts(self, sample: int) -> list[tuple[int, int, int]] | None:
+        """Per decoder layer of ``sample``: (key/value-only tokens, extra tokens, module FLOPs) of the
+        layers a runner computed in a split form ((0, 0, 0) elsewhere); None when no layer was."""
+        if not self.layer_work:
+            return None
+        out = [(0, 0, 0)] * self.num_layers
+        for layer, values in self.layer_work.items():
+            out[layer] = tuple(int(v[sample]) for v in values)
+        return out
 
     def selection_flops(self, sample: int) -> int:
         """FLOPs of the methods' own selection work for ``sample`` (outside the decoder layers)."""

@@ -6,6 +6,7 @@ from .cdpruner import CDPruner
 from .divprune import DivPrune
 from .fastv import FastV
 from .llavolta import VisualContextCompression
+from .proxyv import ProxyV
 from .pyramiddrop import PyramidDrop
 from .sparsevlm import SparseVLM
 from .visionzip import VisionZip
@@ -15,6 +16,7 @@ __all__ = [
     "DivPrune",
     "FastV",
     "Method",
+    "ProxyV",
     "PyramidDrop",
     "RandomDrop",
     "SparseVLM",

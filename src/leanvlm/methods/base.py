@@ -117,6 +117,13 @@ class Method:
         model; the trace must match it)."""
         return 0
 
+    def layer_work(self, shape, images: list[int]) -> list[tuple[int, int, int]] | None:
+        """Per decoder layer, for one sample whose images have ``images`` visual tokens each: (tokens that
+        give only keys and values, tokens processed beyond the sequence's own, FLOPs of the method's
+        modules) where a runner computes the layer in a split form; None when none does (what
+        ``leanvlm flops`` counts; the trace's ``layer_work`` must match it)."""
+        return None
+
     def extra_tokens(self, num_layers: int, images: list[int]) -> list[int]:
         """Tokens each layer processes beyond the input's text and visual ones (inserted tokens)."""
         return [0] * num_layers

@@ -1,0 +1,384 @@
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..engine import Replace
+from ..engine.stack import split_layer
+from ..engine.state import gather_rows
+from ..errors import ConfigError, show
+from ..modules import modules_for
+from ..modules.proxyv import GuidedUpdate, ProxyVModules, inner_size, learned_flops
+from ..registry import register_method
+from .base import Method
+
+PROXIES = ("spatial", "learned")
+
+
+@register_method("proxyv")
+@dataclass(frozen=True)
+class ProxyV(Method):
+    """ProxyV: from decoder layer ``start_layer`` on, full vision tokens are no longer queries and skip
+    the FFN; a few proxy tokens per tile carry that compute, and a small per-layer MLP updates every
+    full token from its own state and its proxy's output. Full tokens still give keys and values, so
+    text attends to every visual token at every layer: nothing is dropped. Prefill only: decoding runs
+    the stock layers over a cache of the baseline's length (no proxy entry is cached).
+
+    Paper: "Streamline Without Sacrifice: Squeeze out Computation Redundancy in LMM" (Wu et al., ICML
+    2025, arXiv 2505.15816). Reference code: https://github.com/penghao-wu/ProxyV
+
+    ProxyV adds trainable modules (``lv.prepare(model, method)`` creates them; ``leanvlm train --method
+    proxyv`` trains them). **Untrained, its output is not meaningful**: the update MLPs start from a
+    random init, as in the reference, which trains them with the model.
+
+    Args:
+        start_layer: the first decoder layer computed the ProxyV way, in [1, L]; L (the number of
+            layers) is the no-op. Default 12 (the reference's Vicuna-7B setting; 16 for its larger LLMs).
+        reduce_factor: per-axis downsampling of each tile's grid into proxies (4: 24x24 -> 6x6).
+        proxy: "spatial" (bilinear downsampling of each tile's grid; the default) or "learned" (per
+            tile, learnable queries attend over its tokens; the transposed attention spreads the proxy
+            outputs back; needs no grid).
+        learned_proxies: proxies per tile with ``proxy="learned"`` (default 576 / reduce_factor^2, the
+            reference's count for a 24x24 tile).
+
+    Masks (layers >= start_layer): queries are the proxies, LLaVA-NeXT's row newlines and the text;
+    keys and values come from every token; proxies see text before their image and earlier proxies
+    (never full vision tokens); text and newlines see what they see in the baseline, never a proxy.
+    Positions stay the original ones; proxies take the positions of their image's first visual slots.
+
+    Differences from the reference:
+        - The sequence stays in the model's own order (the reference packs [vision; newlines; text]
+          and orders by position ids; the masks are the same). Several images per sample, and batches
+          whose samples have different tile counts, work (the reference pads every sample to a fixed
+          crop count and has one image per sample).
+        - Stock LLaVA-NeXT checkpoints un-pad their tiles and close each row with a newline (the
+          reference's own layout keeps full tiles and one newline per tile): each tile is its own
+          grid, partial where un-padding cut it; newlines are queries, as text. Qwen2-VL / Qwen2.5-VL:
+          each image or video frame's merged grid.
+        - Spatial proxies average the central tokens of each r x r cell: exactly the reference's
+          bilinear downsampling (align_corners=False) where r divides the grid's sides (tested); a
+          partial cell averages the tokens it holds.
+        - Learned proxies share one set of queries across tiles.
+        - Attention runs through sdpa with a boolean mask (eager softmax when the model runs eager;
+          models loaded with flash attention use sdpa in these layers); no attention dropout.
+    """
+
+    start_layer: int = 12
+    reduce_factor: int = 4
+    proxy: str = "spatial"
+    learned_proxies: int | None = None
+
+    trainable = True
+    changes_length = False
+
+    def __post_init__(self):
+        for field in ("start_layer", "reduce_factor"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"ProxyV: {field}={show(value)} must be an integer >= 1")
+        self._check_choice("proxy", self.proxy, PROXIES)
+        if self.learned_proxies is not None:
+            if self.proxy != "learned":
+                raise ConfigError("ProxyV: learned_proxies is for proxy='learned'")
+            n = self.learned_proxies
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ConfigError(f"ProxyV: learned_proxies={show(n)} must be an integer >= 1")
+
+    @property
+    def is_noop(self) -> bool:
+        return False  # the no-op is start_layer == the model's depth (checked against the model)
+
+    @property
+    def learned_count(self) -> int:
+        if self.proxy != "learned":
+            return 0
+        return self.learned_proxies or max(1, 576 // self.reduce_factor**2)
+
+    def check_model(self, num_layers: int) -> None:
+        if not 1 <= self.start_layer <= num_layers:
+            raise ConfigError(
+                f"ProxyV: start_layer={self.start_layer} is outside [1, {num_layers}] for this model "
+                f"({num_layers} decoder layers; {num_layers} is the no-op)"
+            )
+
+    def check_adapter(self, adapter) -> None:
+        for i in range(self.start_layer, adapter.num_layers):
+            adapter.layer_parts(i)  # raises, naming what, on layers that can not be split
+
+    def module_key(self) -> str:
+        kind = f"learned{self.learned_count}" if self.proxy == "learned" else "spatial"
+        return f"ProxyV-{self.start_layer}-{kind}"
+
+    def build_modules(self, adapter):
+        text = adapter.text_config
+        layers = max(0, adapter.num_layers - self.start_layer)
+        return ProxyVModules(text.hidden_size, text.rms_norm_eps, layers, self.learned_count)
+
+    def plan(self, adapter) -> list:
+        if self.start_layer >= adapter.num_layers:
+            return []
+        modules = modules_for(adapter.model, self)
+        return [Replace(self.start_layer, adapter.num_layers, _Runner(self, adapter, modules).run)]
+
+    # --- FLOPs -----------------------------------------------------------------------------------------
+    def proxies_for(self, tokens: int) -> int:
+        """Proxies of a square tile of ``tokens`` (what the schedule assumes; the trace counts real ones)."""
+        if self.proxy == "learned":
+            return self.learned_count
+        side = math.isqrt(tokens)
+        if side * side != tokens:
+            return math.ceil(tokens / self.reduce_factor**2)
+        return math.ceil(side / self.reduce_factor) ** 2
+
+    def module_flops(self, hidden: int, vision: int, proxies: int, first: bool, tiles: list[int]) -> int:
+        """FLOPs of the method's own modules in one layer (the initializer at the start layer)."""
+        flops = GuidedUpdate.flops(hidden, vision, proxies)
+        if self.proxy == "learned":
+            flops += 2 * vision * self.learned_count * inner_size(hidden)  # spreading the context back
+            if first:
+                flops += sum(learned_flops(hidden, n, self.learned_count) for n in tiles)
+        return flops
+
+    def layer_work(self, shape, images: list[int]) -> list[tuple[int, int, int]] | None:
+        t = shape.text
+        vision, proxies = sum(images), sum(self.proxies_for(n) for n in images if n)
+        out = []
+        for layer in range(t.num_layers):
+            if layer < self.start_layer or not vision:
+                out.append((0, 0, 0))
+                continue
+            flops = self.module_flops(t.hidden, vision, proxies, layer == self.start_layer, images)
+            out.append((vision, proxies, flops))
+        return out
+
+    @classmethod
+    def bench_default(cls, num_layers: int) -> Method:
+        return cls(start_layer=max(1, round(num_layers * 12 / 32)))
+
+    @classmethod
+    def at_budget(cls, budget: float, num_layers: int) -> Method:
+        raise ConfigError("ProxyV keeps every visual token: it has no token budget (choose start_layer)")
+
+
+class _Runner:
+    """Computes layers start_layer .. L-1 of a prefill the ProxyV way (stock layers when decoding)."""
+
+    def __init__(self, method: ProxyV, adapter, modules: ProxyVModules):
+        self.method, self.adapter, self.modules = method, adapter, modules
+
+    def run(self, ctx, layer_idx, layer, hidden, call_layer):
+        if ctx.decoding or not bool(ctx.state.visual.any()):
+            return call_layer(hidden)
+        lay = ctx.shared.get("proxyv")
+        if lay is None:
+            lay = ctx.shared["proxyv"] = build_layout(self.method, ctx)
+            lay.proxies = self._initial_proxies(lay, hidden)
+        n = hidden.shape[1]
+        tokens = torch.cat([hidden, lay.proxies.to(hidden.dtype)], 1)
+        out = split_layer(
+            self.adapter.layer_parts(layer_idx),
+            tokens,
+            lay.queries,
+            torch.cat([ctx.state.cos, gather_rows(ctx.state.cos, lay.proxy_slot)], 1),
+            torch.cat([ctx.state.sin, gather_rows(ctx.state.sin, lay.proxy_slot)], 1),
+            lay.allowed,
+            eager=self.adapter.attn_implementation == "eager",
+            cache=ctx.cache,
+            cache_tokens=n,
+            layer_idx=layer_idx,
+        )
+        m = lay.queries.shape[1] - lay.proxies.shape[1]
+        lay.proxies = out[:, m:]
+        update = self.modules.updates[layer_idx - self.method.start_layer]
+        context = self._context(lay, update.context_proj(lay.proxies))
+        vision = update(gather_rows(hidden, lay.vis_slots), context)
+        new = hidden.index_put(lay.query_at, out[:, :m][lay.query_valid])
+        new = new.index_put(lay.vis_at, vision[lay.vis_valid])
+        first = layer_idx == self.method.start_layer
+        d = hidden.shape[-1]
+        flops = [
+            self.method.module_flops(d, v, p, first, tiles)
+            for v, p, tiles in zip(lay.vis_count, lay.proxy_count, lay.tile_sizes, strict=True)
+        ]
+        ctx.record_layer_work(lay.vis_count, lay.proxy_count, flops)
+        return new
+
+    def _initial_proxies(self, lay, hidden):
+        vision = gather_rows(hidden, lay.vis_slots)  # [B, V, D]
+        b, _, d = vision.shape
+        if self.method.proxy == "spatial":
+            weighted = vision * lay.weight[..., None].to(vision.dtype)
+            out = torch.zeros(b, lay.proxy_slot.shape[1], d, dtype=vision.dtype, device=vision.device)
+            return out.scatter_add(1, lay.cell[..., None].expand(-1, -1, d), weighted)
+        init = self.modules.initializer
+        parts, spreads = [], []
+        for row, members, first in lay.groups:
+            proxies, spread = init(vision[row, members])
+            parts.append((row, first, proxies))
+            spreads.append(spread)
+        lay.spreads = spreads
+        out = torch.zeros(b, lay.proxy_slot.shape[1], d, dtype=vision.dtype, device=vision.device)
+        rows = torch.cat([torch.full((len(p),), r, dtype=torch.long) for r, _, p in parts]).to(out.device)
+        cols = torch.cat([torch.arange(f, f + len(p)) for _, f, p in parts]).to(out.device)
+        return out.index_put((rows, cols), torch.cat([p for _, _, p in parts]))
+
+    def _context(self, lay, projected):
+        if self.method.proxy == "spatial":
+            return gather_rows(projected, lay.cell)
+        rows, cols, values = [], [], []
+        n = self.method.learned_count
+        for (row, members, first), spread in zip(lay.groups, lay.spreads, strict=True):
+            values.append(spread.to(projected.dtype) @ projected[row, first : first + n])
+            rows.append(torch.full((len(members),), row, dtype=torch.long))
+            cols.append(members)
+        out = projected.new_zeros(*lay.vis_slots.shape, projected.shape[-1])
+        index = (torch.cat(rows).to(out.device), torch.cat(cols).to(out.device))
+        return out.index_put(index, torch.cat(values))
+
+
+class _Layout:
+    """Where one call's vision tokens, proxies and query rows are, and the split layers' mask."""
+
+
+def build_layout(method: ProxyV, ctx) -> _Layout:
+    """Per sample: the grid tokens (keys and values only), their proxies and the query rows, padded over
+    the batch, and the split layers' mask."""
+    s = ctx.state
+    r = method.reduce_factor
+    replicas = ctx.replicas
+    inputs = (ctx.tower_inputs or ctx.vision_inputs) if replicas > 1 else ctx.vision_inputs
+    per_image = ctx.image_slots()
+    offsets, total = [], 0
+    for row in range(len(per_image)):  # each original sample's first image (generate() may repeat samples)
+        offsets.append(total)
+        if row % replicas == replicas - 1:
+            total += len(per_image[row])
+    samples = []
+    for row, images in enumerate(per_image):
+        sample = _Sample()
+        for local, (image, slots) in enumerate(sorted(images.items())):
+            number = image if replicas == 1 else offsets[row - row % replicas] + local
+            layout = ctx.adapter.visual_layout(inputs, number, len(slots))
+            if layout is None:
+                if method.proxy == "spatial":
+                    raise ConfigError(
+                        f"ProxyV(proxy='spatial'): the {len(slots)} visual tokens of image {local} of sample "
+                        f"{row} do not form a grid that {type(ctx.adapter.model).__name__}'s layout describes "
+                        "(after a reduction before the LLM, for instance); proxy='learned' needs no grid"
+                    )
+                layout = torch.tensor([(0, j, 0) for j in range(len(slots))]), [(len(slots), 1)]
+            sample.add_image(method, r, slots, layout[0].tolist(), int(s.order[row, slots[0]]))
+        samples.append(sample)
+    return _assemble(method, s, samples)
+
+
+class _Sample:
+    """One sample's grid tokens and proxies while the layout is built."""
+
+    def __init__(self):
+        self.vis, self.cell, self.weight = [], [], []
+        self.proxy_slot, self.proxy_order, self.groups, self.tiles = [], [], [], []
+
+    def add_image(self, method: ProxyV, r: int, slots: list[int], cells: list, start_order: int) -> None:
+        first = len(self.proxy_slot)
+        cells_of: dict[tuple, int] = {}
+        members: dict[int, list[int]] = {}
+        for slot, (tile, y, x) in zip(slots, cells, strict=True):
+            if tile < 0:
+                continue  # on no grid (a row newline): a query, as text
+            if method.proxy == "spatial":
+                key = (tile, y // r, x // r)
+                self.cell.append(cells_of.setdefault(key, first + len(cells_of)))
+                self.weight.append(float(_central(y, r) and _central(x, r)))
+            else:
+                members.setdefault(tile, []).append(len(self.vis))
+                self.cell.append(0)
+                self.weight.append(0.0)
+            self.vis.append(slot)
+        count = len(cells_of)
+        for tile in sorted(members):
+            self.groups.append((members[tile], first + count))
+            self.tiles.append(len(members[tile]))
+            count += method.learned_count
+        self.proxy_slot += [slots[min(j, len(slots) - 1)] for j in range(count)]
+        self.proxy_order += [start_order] * count
+
+
+def _pad(rows: list[list], fill, dtype, device, width: int | None = None) -> torch.Tensor:
+    width = max(1, max(map(len, rows))) if width is None else width
+    return torch.tensor([[*row, *[fill] * (width - len(row))] for row in rows], dtype=dtype, device=device)
+
+
+def _assemble(method: ProxyV, s, samples: list[_Sample]) -> _Layout:
+    b, n = s.orig.shape
+    dev = s.orig.device
+    lay = _Layout()
+    is_vis = torch.zeros(b, n, dtype=torch.bool)
+    for row, sample in enumerate(samples):
+        is_vis[row, sample.vis] = True
+        totals: dict[int, float] = {}
+        for c, w in zip(sample.cell, sample.weight, strict=True):
+            totals[c] = totals.get(c, 0.0) + w
+        if method.proxy == "spatial":  # a cell without central tokens averages the tokens it holds
+            counts: dict[int, int] = {}
+            for c in sample.cell:
+                counts[c] = counts.get(c, 0) + 1
+            sample.weight = [
+                w / totals[c] if totals[c] else 1.0 / counts[c]
+                for c, w in zip(sample.cell, sample.weight, strict=True)
+            ]
+    queries = [[j for j in range(n) if not is_vis[row, j]] for row in range(b)]
+    lay.vis_slots = _pad([x.vis for x in samples], 0, torch.long, dev)
+    lay.vis_valid = _pad([[True] * len(x.vis) for x in samples], False, torch.bool, dev)
+    lay.cell = _pad([x.cell for x in samples], 0, torch.long, dev)
+    lay.weight = _pad([x.weight for x in samples], 0.0, torch.float32, dev)
+    lay.proxy_slot = _pad([x.proxy_slot for x in samples], 0, torch.long, dev)
+    proxy_valid = _pad([[True] * len(x.proxy_slot) for x in samples], False, torch.bool, dev)
+    proxy_order = _pad([x.proxy_order for x in samples], 0, torch.long, dev)
+    query_slots = _pad(queries, 0, torch.long, dev)
+    lay.query_valid = _pad([[True] * len(q) for q in queries], False, torch.bool, dev)
+    lay.groups = [(row, torch.tensor(m), f) for row, x in enumerate(samples) for m, f in x.groups]
+    lay.vis_count = [len(x.vis) for x in samples]
+    lay.proxy_count = [len(x.proxy_slot) for x in samples]
+    lay.tile_sizes = [x.tiles for x in samples]
+    lay.query_at = tuple(lay.query_valid.nonzero().T)
+    lay.query_at = (lay.query_at[0], query_slots[lay.query_valid])
+    lay.vis_at = (lay.vis_valid.nonzero()[:, 0], lay.vis_slots[lay.vis_valid])
+    p = proxy_valid.shape[1]
+    lay.queries = torch.cat([query_slots, n + torch.arange(p, device=dev).expand(b, p)], 1)
+    lay.allowed = proxy_mask(
+        s.order, s.valid, is_vis.to(dev), query_slots, lay.query_valid, proxy_order, proxy_valid
+    )
+    return lay
+
+
+def proxy_mask(order, valid, is_vis, query_slots, query_valid, proxy_order, proxy_valid) -> torch.Tensor:
+    """[B, Q + P, N + P] bool: which keys (the N sequence slots, then the P proxies) each query row (the
+    Q sequence query slots, then the proxies) attends to in a split layer.
+
+    Sequence queries see the real slots before them in causal ``order`` (as in the baseline) and no
+    proxy; a proxy sees the real non-grid slots before its image's first slot (``proxy_order``) and the
+    real proxies up to itself, never a grid token. A filler row (padding) sees only itself."""
+    b, n = order.shape
+    p = proxy_order.shape[1]
+    q_order = order.gather(1, query_slots)
+    main_main = valid[:, None, :] & (order[:, None, :] <= q_order[:, :, None])
+    main_proxy = torch.zeros(b, query_slots.shape[1], p, dtype=torch.bool, device=order.device)
+    proxy_main = (valid & ~is_vis)[:, None, :] & (order[:, None, :] < proxy_order[:, :, None])
+    upto = torch.ones(p, p, dtype=torch.bool, device=order.device).tril()
+    proxy_proxy = upto[None] & proxy_valid[:, None, :]
+    allowed = torch.cat(
+        [torch.cat([main_main, main_proxy], 2), torch.cat([proxy_main, proxy_proxy], 2)], 1
+    )
+    own = torch.cat([query_slots, n + torch.arange(p, device=order.device).expand(b, p)], 1)
+    real = torch.cat([query_valid & valid.gather(1, query_slots), proxy_valid], 1)
+    self_only = torch.zeros_like(allowed).scatter_(2, own[..., None], True)
+    return torch.where(real[..., None], allowed, self_only)
+
+
+def _central(v: int, r: int) -> bool:
+    """Whether offset ``v % r`` is one of the cell's central rows (what bilinear 1/r sampling reads)."""
+    k = v % r
+    return k in (r // 2 - 1, r // 2) if r % 2 == 0 else k == r // 2
