@@ -19,6 +19,7 @@ def run_cli(capsys, *argv):
 
 ROW_KEYS = {
     "config",
+    "untrained_modules",
     "method",
     "budget",
     "settings",
@@ -113,6 +114,7 @@ def test_bench_writes_table_json_and_plot(capsys, bench_run):
         "divprune @ 0.8",
         "fastv @ default",
         "fastv @ 0.8",
+        "proxyv @ default",
         "pyramiddrop @ default",
         "pyramiddrop @ 0.8",
         "random @ default",
@@ -141,6 +143,10 @@ def test_bench_writes_table_json_and_plot(capsys, bench_run):
         assert row["selection_ms"] > 0 and row["selection_flops"] > 0
         assert row["selection_share"] == pytest.approx(row["selection_ms"] / row["prefill_ms"], rel=1e-2)
     assert rows["fastv @ default"]["selection_ms"] > 0 and rows["fastv @ default"]["selection_flops"] == 0
+    # trainable methods run with fresh modules, flagged; every visual token stays, the split layers cost less
+    assert [r["config"] for r in doc["rows"] if r["untrained_modules"]] == ["proxyv @ default"]
+    assert rows["proxyv @ default"]["visual_per_layer"] == [16] * 4
+    assert rows["proxyv @ default"]["flops_ratio"] < 1.0
     png = out.with_suffix(".png")
     with Image.open(png) as img:
         assert img.format == "PNG" and img.size == (640, 480)
@@ -186,7 +192,9 @@ def test_unreachable_budgets_are_skipped_with_their_reason():
 
 
 def test_matched_budgets_give_matched_equivalent_tokens():
-    configs = build_configs(None, parse_budgets("0.5"), 32)
+    skipped = []
+    configs = build_configs(None, parse_budgets("0.5"), 32, skipped)
+    assert [label for label, _ in skipped] == ["proxyv @ 0.5"] and "no token budget" in skipped[0][1]
     cdpruner, divprune, fastv, pdrop, random, sparsevlm, uniform, vcc, visionzip = (
         c.methods[0] for c in configs[2:]
     )

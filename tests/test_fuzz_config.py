@@ -195,10 +195,13 @@ def run_applied(tiny, method) -> str:
     arguments."""
     model, inputs = tiny
     fields = [f.name for f in dataclasses.fields(method)]
+    if method.trainable:  # its fresh modules (the model is shared: they are taken off again below)
+        lv.prepare(model, method)
     try:
         lv.apply(model, method)
     except lv.LeanVLMError as err:
         assert names_any(str(err), fields), f"apply's error names no argument of {method.describe()}: {err}"
+        model._modules.pop(lv.modules.ATTR, None)
         return "refused by apply"
     try:
         with torch.no_grad():
@@ -214,6 +217,7 @@ def run_applied(tiny, method) -> str:
         return "ran"
     finally:
         lv.remove(model)
+        model._modules.pop(lv.modules.ATTR, None)
 
 
 @pytest.mark.parametrize("cls", METHOD_CLASSES, ids=[c.name for c in METHOD_CLASSES])

@@ -36,6 +36,8 @@ METHODS = {
     "sparsevlm-plain-compact": lv.SparseVLM(
         keep_ratio=0.6, layers=(1, 3), recycle=False, positions="compact"
     ),
+    "proxyv": lv.ProxyV(start_layer=2, reduce_factor=2),
+    "proxyv-learned": lv.ProxyV(start_layer=3, reduce_factor=2, proxy="learned", learned_proxies=3),
     "random": lv.RandomDrop(keep_ratio=0.5, seed=3),
     "random-layer-compact": lv.RandomDrop(layer=2, keep_tokens=5, positions="compact"),
     "uniform": lv.UniformDrop(keep_ratio=0.25),
@@ -58,6 +60,7 @@ NOOPS = {
     "visionzip": lv.VisionZip(dominant=10_000, contextual=0),
     "visionzip-ratio": lv.VisionZip(keep_ratio=1.0),
     "sparsevlm": lv.SparseVLM(keep_ratio=1.0, layers=(1, 2, 3)),
+    "proxyv": lv.ProxyV(start_layer=NUM_LAYERS, reduce_factor=2),
     "random": lv.RandomDrop(keep_ratio=1.0),
     "uniform": lv.UniformDrop(layer=2, keep_ratio=1.0),
     "insert": InsertSummary(count=0),

@@ -146,6 +146,7 @@ def measure(
     def generate_n():
         model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, **gen)
 
+    untrained = attach_untrained(model, configs)
     samples = {c.label: Samples() for c in configs}
     rounds = settings.warmup + settings.repeats
     with torch.inference_mode():
@@ -180,6 +181,8 @@ def measure(
                     s.decode_ms.append(tn - t1)
                     s.peak_bytes = max(s.peak_bytes, mem.peak)
         rows = [_row(model, inputs, c, samples[c.label], settings, shape, dtype_bytes) for c in configs]
+    for row in rows:
+        row["untrained_modules"] = row["config"] in untrained
     base = rows[0]
     for row in rows:
         row["speedup"] = round(base["prefill_ms"] / row["prefill_ms"], 3)
@@ -193,6 +196,23 @@ def measure(
         row["analytic_speedup"] = round(1 / row["flops_ratio"], 3)
         row["speedup_vs_analytic"] = round(row["speedup"] / row["analytic_speedup"], 3)
     return rows
+
+
+def attach_untrained(model, configs: list[BenchConfig]) -> set[str]:
+    """Attach freshly initialised modules for the trainable methods whose modules the model lacks (their
+    timing and FLOPs are those of trained ones; their outputs are not); returns those configs' labels."""
+    from ..modules import attached, prepare
+
+    labels, fresh = set(), set()
+    for c in configs:
+        for m in c.methods or ():
+            registry = attached(model)
+            if m.trainable and (registry is None or m.module_key() not in registry):
+                prepare(model, m)
+                fresh.add(m.module_key())
+            if m.trainable and m.module_key() in fresh:
+                labels.add(c.label)
+    return labels
 
 
 def _row(model, inputs, config: BenchConfig, s: Samples, settings: Settings, shape, dtype_bytes: int) -> dict:

@@ -113,6 +113,12 @@ def run(args) -> int:
     print(format_table(rows))
     for config, reason in skipped:
         print(f"skipped {config}: {reason}")
+    untrained = [r["config"] for r in rows if r.get("untrained_modules")]
+    if untrained:
+        print(
+            f"untrained modules (freshly initialised; timing and FLOPs only, outputs not meaningful): "
+            f"{', '.join(untrained)}"
+        )
     print(
         f"\nspeedup and FLOPs ratio are relative to the unmodified model; FLOPs are real (2 per multiply-add), "
         f"whole prompt. Wrote {args.out}"

@@ -108,6 +108,7 @@ def run(args) -> int:
                     "method": label,
                     **rep.summary(),
                     "real_ratio": rep.prefill_total / base.prefill_total,
+                    "llm_ratio": rep.llm / base.llm,
                     "paper_ratio": rep.paper_total / base.paper_total if base.paper_total else None,
                     "layers": [
                         {
@@ -134,7 +135,8 @@ def run(args) -> int:
         print(rep.table())
         if base.paper_total:
             print(
-                f"vs. no method: real {rep.prefill_total / base.prefill_total:.1%}, "
+                f"vs. no method: real {rep.prefill_total / base.prefill_total:.1%} (LLM layers "
+                f"{rep.llm / base.llm:.1%}), "
                 f"paper {rep.paper_total / base.paper_total:.1%}, "
                 f"KV {rep.kv_bytes / base.kv_bytes:.1%}"
             )

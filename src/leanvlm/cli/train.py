@@ -34,6 +34,16 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--freeze", default="vision", choices=["vision", "none"], help="what stays frozen (default: vision)"
     )
+    p.add_argument(
+        "--train-parts",
+        default="all",
+        choices=["all", "modules", "modules+projector"],
+        help="what trains: all (what --freeze leaves; default), modules (only the method's own modules, "
+        "e.g. ProxyV's), modules+projector (ProxyV's pretraining stage)",
+    )
+    p.add_argument(
+        "--modules-lr", type=float, help="learning rate of the method's own modules (default: --lr)"
+    )
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--logging-steps", type=int, default=10)
     p.add_argument("--save-steps", type=int, default=500)

@@ -13,7 +13,7 @@ import torch
 from .. import compat
 from ..errors import ConfigError
 from ..methods.spec import parse_method, split_top_level
-from ..modules import ATTR, load_modules, save_modules
+from ..modules import ATTR, load_modules, prepare, save_modules
 from .schedule import StagedSchedule
 
 
@@ -44,6 +44,38 @@ def freeze(model, part: str) -> None:
             p.requires_grad_(False)
 
 
+PARTS = ("all", "modules", "modules+projector")
+
+
+def projector_of(model):
+    """The module mapping vision features into the LLM (LLaVA's projector, Qwen-VL's merger)."""
+    inner = model.model
+    found = getattr(inner, "multi_modal_projector", None) or getattr(getattr(inner, "visual", None), "merger", None)
+    if found is None:
+        raise ConfigError(f"--train-parts: {type(model).__name__} has no multi_modal_projector / visual.merger")
+    return found
+
+
+def select_parts(model, parts: str, methods) -> list:
+    """Leave ``requires_grad`` on only the ``parts`` that train ("all": what ``--freeze`` left; "modules":
+    the methods' own modules; "modules+projector": and the projector); returns the modules' parameters."""
+    if parts not in PARTS:
+        raise ConfigError(f"--train-parts={parts!r} is not one of {', '.join(PARTS)}")
+    registry = model._modules.get(ATTR)
+    own = [p for m in methods for p in registry[m.module_key()].parameters()] if registry is not None else []
+    if parts != "all":
+        if not methods:
+            raise ConfigError(
+                f"--train-parts={parts}: the method has no modules of its own to train (e.g. --method proxyv)"
+            )
+        keep = {id(p) for p in own}
+        if parts == "modules+projector":
+            keep |= {id(p) for p in projector_of(model).parameters()}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in keep)
+    return own
+
+
 def load_weights(model, checkpoint: str):
     """``model`` with the weights of ``checkpoint`` (a folder written by ``save_pretrained``)."""
     if not Path(checkpoint).is_dir():
@@ -51,6 +83,23 @@ def load_weights(model, checkpoint: str):
     loaded = type(model).from_pretrained(checkpoint, dtype=next(model.parameters()).dtype)
     loaded.train()
     return loaded
+
+
+def modules_optimizer(model, own: list, args):
+    """AdamW with the methods' modules at ``--modules-lr`` and every other trained parameter at ``--lr``
+    (the reference recipes' separate rate for new modules); the Trainer schedules both alike."""
+    if args.deepspeed:
+        raise ConfigError("--modules-lr is not supported with --deepspeed (DeepSpeed builds its own optimizer)")
+    if not own:
+        raise ConfigError("--modules-lr: the method has no modules of its own (e.g. --method proxyv)")
+    if args.modules_lr <= 0:
+        raise ConfigError(f"--modules-lr={args.modules_lr} must be > 0")
+    mine = {id(p) for p in own}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in mine]
+    groups = [{"params": [p for p in own if p.requires_grad], "lr": args.modules_lr}]
+    if rest:
+        groups.append({"params": rest, "lr": args.lr})
+    return torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.0)
 
 
 def trained_digest(model) -> str:
@@ -129,12 +178,18 @@ def run(args) -> dict:
     trainable = callback.trainable_methods()
     if resume and trainable:
         load_modules(model, resume, *trainable)  # the base weights' loader does not know them
+    prepare(model, *trainable)  # before the optimizer (the callback would attach them at the Trainer's init)
+    own = select_parts(model, getattr(args, "train_parts", "all"), trainable)
+    optimizers = (None, None)
+    if getattr(args, "modules_lr", None) is not None:
+        optimizers = (modules_optimizer(model, own, args), None)
     trainer = Trainer(
         model=model,
         args=training_args,
         train_dataset=dataset,
         data_collator=functools.partial(collate, pad_token_id=pad_id),
         callbacks=[callback],
+        optimizers=optimizers,
     )
     try:
         result = trainer.train(resume_from_checkpoint=resume or None)
