@@ -42,7 +42,9 @@ def captured(monkeypatch):
 
     def keep_layer(parts, hidden, queries, cos, sin, allowed, **kw):
         out = split_layer(parts, hidden, queries, cos, sin, allowed, **kw)
-        seen["layers"].append(dict(hidden=hidden, queries=queries, cos=cos, sin=sin, allowed=allowed, out=out))
+        seen["layers"].append(
+            dict(hidden=hidden, queries=queries, cos=cos, sin=sin, allowed=allowed, out=out)
+        )
         return out
 
     def keep_initial(self, lay, hidden):
@@ -115,7 +117,7 @@ def test_mask_equals_the_rules_on_a_padded_batch_with_several_tiles(adapter, cap
     inputs = make_inputs(proc, [PROMPTS[0], ("Compare the two pictures please.", 2), PROMPTS[2], ("Hi?", 0)])
     with lv.apply(model, method), torch.no_grad():
         model(**inputs)
-    (lay, state, _), = captured["layouts"]
+    ((lay, state, _),) = captured["layouts"]
     assert len(set(lay.vis_count)) > 1 and lay.vis_count[3] == 0 and lay.proxy_count[3] == 0
     assert torch.equal(lay.allowed, brute_force_allowed(model, inputs, lay, state))
     assert torch.equal(state.order, torch.arange(state.order.shape[1]).expand_as(state.order))
@@ -164,7 +166,9 @@ def test_spatial_proxies_are_bilinear_downsampling(r, image_size, captured):
 def test_split_layer_equals_the_stock_layer_with_the_explicit_mask(adapter, proxy, captured):
     """Every split layer's query rows (text, newlines, proxies) equal the stock decoder layer run in eager
     mode over [sequence; proxies] with the mask as an additive 4-D mask (vision rows: themselves)."""
-    method = lv.ProxyV(start_layer=2, reduce_factor=2, proxy=proxy, learned_proxies=3 if proxy == "learned" else None)
+    method = lv.ProxyV(
+        start_layer=2, reduce_factor=2, proxy=proxy, learned_proxies=3 if proxy == "learned" else None
+    )
     model, proc = prepared(adapter, method, attn="eager")
     inputs = make_inputs(proc, PROMPTS[:3])
     with lv.apply(model, method), torch.no_grad():
@@ -178,7 +182,9 @@ def test_split_layer_equals_the_stock_layer_with_the_explicit_mask(adapter, prox
             full.scatter_(1, queries[..., None].expand(-1, -1, k), allowed)
             mask = torch.zeros(b, 1, k, k).masked_fill(~full[:, None], torch.finfo(torch.float32).min)
             layer = layers[2 + i]
-            out = type(layer).forward(layer, hidden, attention_mask=mask, position_embeddings=(seen["cos"], seen["sin"]))
+            out = type(layer).forward(
+                layer, hidden, attention_mask=mask, position_embeddings=(seen["cos"], seen["sin"])
+            )
             out = out[0] if isinstance(out, tuple) else out
             expected = out.gather(1, queries[..., None].expand(-1, -1, out.shape[-1]))
             torch.testing.assert_close(seen["out"], expected, rtol=1e-5, atol=1e-5)
@@ -281,10 +287,30 @@ def test_modules_save_and_load_and_refuse_another_shape(tmp_path):
 def test_training_steps_lower_the_loss_and_change_only_the_modules(data_dir, tmp_path):  # noqa: F811
     out = tmp_path / "run"
     argv = [
-        "train", "--preset", "tiny", "--data", str(data_dir / "data.json"), "--output-dir", str(out),
-        "--max-steps", "8", "--batch-size", "2", "--lr", "1e-5", "--modules-lr", "3e-3", "--logging-steps", "1",
-        "--method", "proxyv:start_layer=2,reduce_factor=2", "--train-parts", "modules", "--no-progress",
-        "--save-steps", "100",
+        "train",
+        "--preset",
+        "tiny",
+        "--data",
+        str(data_dir / "data.json"),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "8",
+        "--batch-size",
+        "2",
+        "--lr",
+        "1e-5",
+        "--modules-lr",
+        "3e-3",
+        "--logging-steps",
+        "1",
+        "--method",
+        "proxyv:start_layer=2,reduce_factor=2",
+        "--train-parts",
+        "modules",
+        "--no-progress",
+        "--save-steps",
+        "100",
     ]
     assert main(argv) == 0
     summary = json.loads((out / "train_summary.json").read_text())
@@ -306,3 +332,40 @@ def test_training_steps_lower_the_loss_and_change_only_the_modules(data_dir, tmp
     before = lv.prepare(fresh, method)[method.module_key()].state_dict()
     changed = [k for k, v in before.items() if not torch.equal(modules[f"{method.module_key()}.{k}"], v)]
     assert changed  # the modules trained
+
+
+def test_learned_proxies_follow_a_reduction_before_the_llm_and_spatial_ones_refuse():
+    """The paper combines learned proxies with VisionZip (no grid is left); spatial proxies need one."""
+    learned = lv.ProxyV(start_layer=2, reduce_factor=2, proxy="learned", learned_proxies=2)
+    model, proc = prepared("llava", learned)
+    inputs = make_inputs(proc, PROMPTS[:2])
+    zip_ = lv.VisionZip(dominant=4, contextual=1)
+    with lv.apply(model, zip_, learned) as applied, torch.no_grad():
+        out = model(**inputs)
+    assert torch.isfinite(out.logits).all()
+    assert applied.trace.layer_work_counts(0)[2][:2] == (5, 2)  # 4 dominant + 1 contextual, 2 proxies
+    spatial = lv.ProxyV(start_layer=2, reduce_factor=2)
+    lv.prepare(model, spatial)
+    with (
+        lv.apply(model, zip_, spatial),
+        torch.no_grad(),
+        pytest.raises(lv.ConfigError, match="proxy='learned'"),
+    ):
+        model(**inputs)
+
+
+@pytest.mark.parametrize("adapter", ["llava-next", "qwen2-vl"])
+def test_beam_copies_get_their_own_samples_layout(adapter, captured):
+    method = lv.ProxyV(start_layer=2, reduce_factor=2)
+    model, proc = prepared(adapter, method)
+    inputs = make_inputs(proc, PROMPTS[:2])
+    with lv.apply(model, method), torch.no_grad():
+        model.generate(**inputs, num_beams=2, num_return_sequences=2, max_new_tokens=3, do_sample=False)
+        lay = captured["layouts"][0][0]
+        assert lay.allowed.shape[0] == 4
+        for row in range(4):
+            assert torch.equal(lay.allowed[row], lay.allowed[row - row % 2])
+        assert lay.vis_count[0] != lay.vis_count[2]  # the two samples' images differ
+        model(**make_inputs(proc, PROMPTS[1:2]))  # the second sample alone
+    assert captured["layouts"][1][0].vis_count[0] == lay.vis_count[2]
+    assert captured["layouts"][1][0].proxy_count[0] == lay.proxy_count[2]

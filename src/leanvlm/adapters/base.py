@@ -273,15 +273,21 @@ class Adapter:
         owner = f"{type(self.model).__name__} decoder layer {layer_idx} ({type(layer).__name__})"
         needed = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling")
         missing = [n for n in needed if not hasattr(attn, n)]
-        missing += [n for n in ("input_layernorm", "post_attention_layernorm", "mlp") if not hasattr(layer, n)]
+        missing += [
+            n for n in ("input_layernorm", "post_attention_layernorm", "mlp") if not hasattr(layer, n)
+        ]
         if missing:
-            raise UnsupportedModelError(f"{owner}: can not be computed by hand; it has no {', '.join(missing)}")
+            raise UnsupportedModelError(
+                f"{owner}: can not be computed by hand; it has no {', '.join(missing)}"
+            )
         extras = [
             f"{n}={getattr(attn, n)!r}"
             for n in ("sliding_window", "attn_logit_softcapping", "sinks")
             if getattr(attn, n, None) is not None
         ]
-        extras += [n for n in ("pre_feedforward_layernorm", "post_feedforward_layernorm") if hasattr(layer, n)]
+        extras += [
+            n for n in ("pre_feedforward_layernorm", "post_feedforward_layernorm") if hasattr(layer, n)
+        ]
         if extras:
             raise UnsupportedModelError(
                 f"{owner}: can not be computed by hand: it has {', '.join(extras)} (supported: plain pre-norm "

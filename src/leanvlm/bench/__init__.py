@@ -12,7 +12,7 @@ import transformers
 
 from ..errors import ConfigError
 from ..hardware import describe_hardware
-from ..methods.spec import get_method
+from ..methods.spec import get_method, parse_method
 from ..registry import METHODS
 from .runner import BenchConfig, Settings, measure
 
@@ -36,7 +36,11 @@ def parse_budgets(text: str) -> list[str]:
 
 
 def build_configs(
-    method_names: list[str] | None, budgets: list[str], num_layers: int, skipped: list | None = None
+    method_names: list[str] | None,
+    budgets: list[str],
+    num_layers: int,
+    skipped: list | None = None,
+    specs: list[str] = (),
 ) -> list[BenchConfig]:
     """The unmodified model, leanvlm with no method, then every method at every budget.
 
@@ -44,9 +48,15 @@ def build_configs(
     mean about equal FLOPs); "default" is each method's reference setting. A budget a method can not
     reach on this model raises ConfigError, or, given a ``skipped`` list, is left out and recorded there
     as (label, reason); if every method's rows are left out, ConfigError is raised all the same.
+
+    ``specs``: method specs (``NAME:key=value,...``) run as given, once each, after the budgets' rows
+    (with specs and no ``method_names``, only the specs run).
     """
     configs = [BenchConfig("none (unmodified model)", None), BenchConfig("none (leanvlm, no method)", ())]
-    classes = [get_method(n) for n in method_names] if method_names else [METHODS[k] for k in sorted(METHODS)]
+    if method_names:
+        classes = [get_method(n) for n in method_names]
+    else:
+        classes = [] if specs else [METHODS[k] for k in sorted(METHODS)]
     reasons = []
     for cls in classes:
         for budget in budgets:
@@ -64,6 +74,12 @@ def build_configs(
                 reasons.append((label, str(err)))
                 continue
             configs.append(BenchConfig(label, (method,), budget))
+    for spec in specs:
+        method = parse_method(spec)
+        if method is None:
+            raise ConfigError(f"--method {spec!r}: 'none' is measured anyway (the first two rows)")
+        method.check_model(num_layers)
+        configs.append(BenchConfig(spec, (method,), "spec"))
     if reasons and len(configs) == 2:
         raise ConfigError(reasons[0][1] if len(reasons) == 1 else "; ".join(r for _, r in reasons))
     if skipped is not None:

@@ -23,6 +23,14 @@ def add_parser(sub) -> None:
         "--methods", default=None, help="comma-separated method names (default: every registered one)"
     )
     p.add_argument(
+        "--method",
+        dest="specs",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="also run this setting as given, e.g. proxyv:start_layer=12 (repeatable; alone, only these run)",
+    )
+    p.add_argument(
         "--budgets",
         default="default,0.5",
         help="comma list: 'default' (each method's reference setting) and/or the share of visual tokens kept "
@@ -71,7 +79,7 @@ def run(args) -> int:
     model, processor, label = load_model(args, dtype)
     adapter = find_adapter(model)
     skipped: list = []
-    configs = build_configs(names, budgets, adapter.num_layers, skipped)
+    configs = build_configs(names, budgets, adapter.num_layers, skipped, args.specs)
     if not images:
         size = getattr(model.config.vision_config, "image_size", 336)
         images = [demo_image(size)]

@@ -369,9 +369,7 @@ def proxy_mask(order, valid, is_vis, query_slots, query_valid, proxy_order, prox
     proxy_main = (valid & ~is_vis)[:, None, :] & (order[:, None, :] < proxy_order[:, :, None])
     upto = torch.ones(p, p, dtype=torch.bool, device=order.device).tril()
     proxy_proxy = upto[None] & proxy_valid[:, None, :]
-    allowed = torch.cat(
-        [torch.cat([main_main, main_proxy], 2), torch.cat([proxy_main, proxy_proxy], 2)], 1
-    )
+    allowed = torch.cat([torch.cat([main_main, main_proxy], 2), torch.cat([proxy_main, proxy_proxy], 2)], 1)
     own = torch.cat([query_slots, n + torch.arange(p, device=order.device).expand(b, p)], 1)
     real = torch.cat([query_valid & valid.gather(1, query_slots), proxy_valid], 1)
     self_only = torch.zeros_like(allowed).scatter_(2, own[..., None], True)

@@ -72,10 +72,6 @@ class LearnedProxies(nn.Module):
         spread = torch.softmax(logits.transpose(0, 1).float(), -1).to(tokens.dtype)
         return proxies, spread
 
-    def flops(self, hidden: int, tokens: int) -> int:
-        count = self.queries.shape[0]
-        return learned_flops(hidden, tokens, count)
-
 
 def learned_flops(hidden: int, tokens: int, count: int) -> int:
     """FLOPs of making ``count`` learned proxies from a tile of ``tokens``: keys, logits, weighted sum."""

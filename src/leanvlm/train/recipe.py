@@ -50,9 +50,13 @@ PARTS = ("all", "modules", "modules+projector")
 def projector_of(model):
     """The module mapping vision features into the LLM (LLaVA's projector, Qwen-VL's merger)."""
     inner = model.model
-    found = getattr(inner, "multi_modal_projector", None) or getattr(getattr(inner, "visual", None), "merger", None)
+    found = getattr(inner, "multi_modal_projector", None) or getattr(
+        getattr(inner, "visual", None), "merger", None
+    )
     if found is None:
-        raise ConfigError(f"--train-parts: {type(model).__name__} has no multi_modal_projector / visual.merger")
+        raise ConfigError(
+            f"--train-parts: {type(model).__name__} has no multi_modal_projector / visual.merger"
+        )
     return found
 
 
@@ -89,7 +93,9 @@ def modules_optimizer(model, own: list, args):
     """AdamW with the methods' modules at ``--modules-lr`` and every other trained parameter at ``--lr``
     (the reference recipes' separate rate for new modules); the Trainer schedules both alike."""
     if args.deepspeed:
-        raise ConfigError("--modules-lr is not supported with --deepspeed (DeepSpeed builds its own optimizer)")
+        raise ConfigError(
+            "--modules-lr is not supported with --deepspeed (DeepSpeed builds its own optimizer)"
+        )
     if not own:
         raise ConfigError("--modules-lr: the method has no modules of its own (e.g. --method proxyv)")
     if args.modules_lr <= 0:
