@@ -55,3 +55,25 @@ def to_layer_format(bool_mask: torch.Tensor, attn_implementation: str, dtype: to
     if attn_implementation.startswith("flash"):
         return bool_mask[:, 0, -1, :].long()
     return bool_mask
+
+
+def proxy_mask(order, valid, is_vis, query_slots, query_valid, proxy_order, proxy_valid) -> torch.Tensor:
+    """[B, Q + P, N + P] bool: which keys (the N sequence slots, then the P proxies) each query row (the
+    Q sequence query slots, then the proxies) attends to in a split layer.
+
+    Sequence queries see the real slots before them in causal ``order`` (as in the baseline) and no
+    proxy; a proxy sees the real non-grid slots before its image's first slot (``proxy_order``) and the
+    real proxies up to itself, never a grid token. A filler row (padding) sees only itself."""
+    b, n = order.shape
+    p = proxy_order.shape[1]
+    q_order = order.gather(1, query_slots)
+    main_main = valid[:, None, :] & (order[:, None, :] <= q_order[:, :, None])
+    main_proxy = torch.zeros(b, query_slots.shape[1], p, dtype=torch.bool, device=order.device)
+    proxy_main = (valid & ~is_vis)[:, None, :] & (order[:, None, :] < proxy_order[:, :, None])
+    upto = torch.ones(p, p, dtype=torch.bool, device=order.device).tril()
+    proxy_proxy = upto[None] & proxy_valid[:, None, :]
+    allowed = torch.cat([torch.cat([main_main, main_proxy], 2), torch.cat([proxy_main, proxy_proxy], 2)], 1)
+    own = torch.cat([query_slots, n + torch.arange(p, device=order.device).expand(b, p)], 1)
+    real = torch.cat([query_valid & valid.gather(1, query_slots), proxy_valid], 1)
+    self_only = torch.zeros_like(allowed).scatter_(2, own[..., None], True)
+    return torch.where(real[..., None], allowed, self_only)
