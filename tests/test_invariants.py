@@ -37,6 +37,8 @@ METHODS = {
         keep_ratio=0.6, layers=(1, 3), recycle=False, positions="compact"
     ),
     "proxyv": lv.ProxyV(start_layer=2, reduce_factor=2),
+    "crossget": lv.CrossGET(merge_per_layer=3),
+    "crossget-original": lv.CrossGET(merge_per_layer=5, positions="original"),
     "proxyv-learned": lv.ProxyV(start_layer=3, reduce_factor=2, proxy="learned", learned_proxies=3),
     "random": lv.RandomDrop(keep_ratio=0.5, seed=3),
     "random-layer-compact": lv.RandomDrop(layer=2, keep_tokens=5, positions="compact"),
@@ -61,6 +63,7 @@ NOOPS = {
     "visionzip-ratio": lv.VisionZip(keep_ratio=1.0),
     "sparsevlm": lv.SparseVLM(keep_ratio=1.0, layers=(1, 2, 3)),
     "proxyv": lv.ProxyV(start_layer=NUM_LAYERS, reduce_factor=2),
+    "crossget": lv.CrossGET(merge_per_layer=0),
     "random": lv.RandomDrop(keep_ratio=1.0),
     "uniform": lv.UniformDrop(layer=2, keep_ratio=1.0),
     "insert": InsertSummary(count=0),
@@ -103,6 +106,8 @@ def _skip_unsupported(request):
     method, adapter = params.params.get("method"), params.params.get("adapter")
     if adapter in MROPE and getattr(method, "positions", None) == "compact":
         pytest.skip("positions='compact' is refused on M-RoPE models")
+    if adapter != "llava" and isinstance(method, lv.CrossGET) and not method.is_noop:
+        pytest.skip("CrossGET supports LLaVA-1.5 (tested to raise in test_crossget.py)")
     if adapter != "llava" and getattr(method, "pool", None) == "2d":
         pytest.skip("2-D pooling needs a fixed grid (tested to raise in test_llavolta.py)")
 
@@ -315,8 +320,13 @@ def test_trace_counts_follow_schedule(adapter, method):
         trace = applied.trace
     lengths = inputs["attention_mask"].sum(-1).tolist()
     runs = image_runs(model, inputs)
+    shape = type(lv.registry.find_adapter(model)).model_shape(model.config)
+    # a method that shortens the tower's sequence reads the tower's shape (its feature layer)
+    tower = {"vision": shape.vision} if method.tower_schedule(shape.vision) is not None else {}
+    if tower:
+        assert trace.tower_tokens == dict(enumerate(method.tower_schedule(shape.vision)))
     for b, n_vis in enumerate(visual_counts(model, inputs)):
-        expected = method.visual_schedule(NUM_LAYERS, runs[b])  # what the FLOPs formula assumes
+        expected = method.visual_schedule(NUM_LAYERS, runs[b], **tower)  # what the FLOPs formula assumes
         extra = method.extra_tokens(NUM_LAYERS, runs[b])
         assert n_vis == sum(runs[b])
         assert trace.visual_per_layer[b] == expected

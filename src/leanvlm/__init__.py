@@ -6,6 +6,7 @@ from .api import Applied, apply, last_report, remove
 from .errors import CompatError, ConfigError, IncompatibleMethodsError, LeanVLMError, UnsupportedModelError
 from .methods import (
     CDPruner,
+    CrossGET,
     DivPrune,
     FastV,
     Method,
@@ -30,6 +31,7 @@ __all__ = [
     "CDPruner",
     "CompatError",
     "ConfigError",
+    "CrossGET",
     "DivPrune",
     "FastV",
     "IncompatibleMethodsError",

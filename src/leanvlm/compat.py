@@ -12,6 +12,7 @@ Supported range: ``FLOOR`` to ``NEWEST_TESTED`` (both run by CI in fresh environ
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import warnings
@@ -368,6 +369,48 @@ def vision_query_key(layer, hidden: torch.Tensor, query_rows: int = 1):
     q = attn.q_proj(x[:, :query_rows]).view(b, query_rows, attn.num_heads, attn.head_dim).transpose(1, 2)
     k = attn.k_proj(x).view(b, n, attn.num_heads, attn.head_dim).transpose(1, 2)
     return q, k, attn.scale
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipLayerParts:
+    """A CLIP-style vision encoder layer taken apart (5.18-5.24: ``layer_norm1``, ``self_attn`` with
+    q/k/v/out projections, ``layer_norm2``, ``mlp``): x + out(attn(norm1(x))), then h + mlp(norm2(h))."""
+
+    layer_norm1: torch.nn.Module
+    q_proj: torch.nn.Module
+    k_proj: torch.nn.Module
+    v_proj: torch.nn.Module
+    out_proj: torch.nn.Module
+    layer_norm2: torch.nn.Module
+    mlp: torch.nn.Module
+    num_heads: int
+    head_dim: int
+    scale: float
+
+
+def clip_layer_parts(layer) -> ClipLayerParts:
+    """The parts of a CLIP-style vision encoder layer, for computing it by hand; raises naming what is
+    missing."""
+    attn = getattr(layer, "self_attn", None)
+    needed = ("q_proj", "k_proj", "v_proj", "out_proj", "num_heads", "head_dim", "scale")
+    missing = [n for n in ("layer_norm1", "layer_norm2", "mlp") if not hasattr(layer, n)]
+    missing += [f"self_attn.{n}" for n in needed if attn is None or not hasattr(attn, n)]
+    if missing:
+        raise fail(
+            f"{type(layer).__name__} is not a CLIP-style encoder layer: it has no {', '.join(missing)}"
+        )
+    return ClipLayerParts(
+        layer.layer_norm1,
+        attn.q_proj,
+        attn.k_proj,
+        attn.v_proj,
+        attn.out_proj,
+        layer.layer_norm2,
+        layer.mlp,
+        attn.num_heads,
+        attn.head_dim,
+        attn.scale,
+    )
 
 
 # 5.18-5.24: generate() may hand the pixels to the first forward, which runs the vision tower, or encode

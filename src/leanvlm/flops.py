@@ -53,6 +53,8 @@ class VisionShape:
     mlp_matrices: int = 2  # 3 for a gated MLP
     has_cls: bool = True
     heads: int = 0  # attention heads (0: not known)
+    #: the encoder layer whose output the image features are read from (0-based; None: not one layer)
+    feature_layer: int | None = None
 
 
 @dataclass(frozen=True)
@@ -86,14 +88,20 @@ def ffn_flops(t: TextShape, n: int) -> int:
     return 2 * 3 * n * t.hidden * t.intermediate
 
 
-def vision_flops(v: VisionShape, tokens: int | None = None) -> int:
-    """One sequence of ``tokens`` (default ``v.tokens``) through the tower: patch embedding + layers."""
+def vision_flops(
+    v: VisionShape, tokens: int | None = None, layers: list[tuple[int, int]] | None = None
+) -> int:
+    """One sequence of ``tokens`` (default ``v.tokens``) through the tower: patch embedding + layers.
+    ``layers``: per encoder layer, the tokens its attention and its MLP processed, where a method
+    shortened the sequence inside the tower (default: ``tokens`` everywhere)."""
     n = v.tokens if tokens is None else tokens
     patches = n - 1 if v.has_cls else n
     embed = 2 * patches * v.channels * v.temporal_patch * v.patch_size**2 * v.hidden
-    mlp = 2 * v.mlp_matrices * n * v.hidden * v.intermediate
-    per_layer = 2 * n * 4 * v.hidden**2 + 2 * 2 * n**2 * v.hidden + mlp
-    return embed + v.layers * per_layer
+    total = 0
+    for attn, mlp in layers if layers is not None else [(n, n)] * v.layers:
+        total += 2 * attn * 4 * v.hidden**2 + 2 * 2 * attn**2 * v.hidden
+        total += 2 * v.mlp_matrices * mlp * v.hidden * v.intermediate
+    return embed + total
 
 
 def projector_flops(shape: ModelShape, n_visual: int) -> int:
@@ -253,6 +261,7 @@ def report(
     input_visual: int | None = None,
     selection: int = 0,
     layer_work: list[tuple[int, int, int]] | None = None,
+    tower_layers: list[tuple[int, int]] | None = None,
 ) -> FlopsReport:
     """FLOPs of one sample's prefill given what each layer processed (tokens incl. visual).
 
@@ -264,7 +273,10 @@ def report(
 
     ``layer_work``: per layer, (key/value-only tokens, extra tokens, module FLOPs) of layers a method
     computes in a split form (:func:`split_layer_flops`); the paper convention counts such a layer as
-    its extra tokens' full cost, the key/value projections of the others and half the module FLOPs."""
+    its extra tokens' full cost, the key/value projections of the others and half the module FLOPs.
+
+    ``tower_layers``: per vision encoder layer, the tokens (per sequence) its attention and MLP processed
+    when a method shortened the tower's sequence (:func:`vision_flops`)."""
     t = shape.text
     if len(tokens_per_layer) != t.num_layers or len(visual_per_layer) != t.num_layers:
         raise ValueError(
@@ -294,9 +306,9 @@ def report(
     if shape.vision is None:
         vision = 0
     elif vision_sequences is not None:
-        vision = sum(vision_flops(shape.vision, n) for n in vision_sequences)
+        vision = sum(vision_flops(shape.vision, n, tower_layers) for n in vision_sequences)
     else:
-        vision = images * vision_flops(shape.vision)
+        vision = images * vision_flops(shape.vision, layers=tower_layers)
     return FlopsReport(
         shape=shape,
         layers=layers,
@@ -344,6 +356,7 @@ def from_trace(
         input_visual=input_visual,
         selection=trace.selection_flops(sample),
         layer_work=trace.layer_work_counts(sample),
+        tower_layers=tower_layers_of(shape, trace),
     )
     if (
         shape.vision is not None
@@ -355,11 +368,34 @@ def from_trace(
     return rep
 
 
-def schedule_counts(method, num_layers: int, n_visual: int, n_text: int) -> tuple[list[int], list[int]]:
+def tower_layers_of(shape: ModelShape, trace) -> list[tuple[int, int]] | None:
+    """Per vision encoder layer, (attention, MLP) tokens per sequence from the trace (None: all in full)."""
+    recorded = getattr(trace, "tower_tokens", None)
+    if not recorded or shape.vision is None:
+        return None
+    full = (shape.vision.tokens, shape.vision.tokens)
+    return [recorded.get(i, full) for i in range(shape.vision.layers)]
+
+
+def schedule_tower(method, shape: ModelShape) -> list[tuple[int, int]] | None:
+    """Per vision encoder layer, the (attention, MLP) tokens per sequence ``method`` declares (None: the
+    tower runs in full)."""
+    if method is None or method.is_noop or shape.vision is None:
+        return None
+    return method.tower_schedule(shape.vision)
+
+
+def schedule_counts(
+    method, num_layers: int, n_visual: int, n_text: int, shape: ModelShape | None = None
+) -> tuple[list[int], list[int]]:
     """(tokens_per_layer, visual_per_layer) that ``method``'s schedule implies for one prompt with one
-    image of ``n_visual`` tokens (what the method declares; the engine's trace is tested against it)."""
+    image of ``n_visual`` tokens (what the method declares; the engine's trace is tested against it).
+    A method that shortens the tower's sequence gets the tower's shape from ``shape``."""
     if method is None or method.is_noop:
         visual, extra = [n_visual] * num_layers, [0] * num_layers
+    elif shape is not None and schedule_tower(method, shape) is not None:
+        visual = method.visual_schedule(num_layers, [n_visual], vision=shape.vision)
+        extra = method.extra_tokens(num_layers, [n_visual])
     else:
         visual, extra = (
             method.visual_schedule(num_layers, [n_visual]),

@@ -37,6 +37,7 @@ class LlavaAdapter(Adapter):
                 patch_size=v.patch_size,
                 channels=v.num_channels,
                 heads=v.num_attention_heads,
+                feature_layer=layers % (v.num_hidden_layers + 1) - 1 if isinstance(layers, int) else None,
             ),
             projector=((v.hidden_size * n_feature_layers, t.hidden_size), (t.hidden_size, t.hidden_size)),
             visual_tokens_per_image=per_image,

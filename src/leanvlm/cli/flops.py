@@ -74,7 +74,7 @@ def run(args) -> int:
     )
     results = []
     for label, method in methods:
-        tokens, visual = flops.schedule_counts(method, adapter.num_layers, n_visual, args.text_tokens)
+        tokens, visual = flops.schedule_counts(method, adapter.num_layers, n_visual, args.text_tokens, shape)
         rep = flops.report(
             shape,
             tokens,
@@ -89,8 +89,15 @@ def run(args) -> int:
             layer_work=flops.schedule_layer_work(
                 method, shape, [shape.visual_tokens_per_image] * args.images
             ),
+            tower_layers=flops.schedule_tower(method, shape),
         )
-        if method is not None and method.stage in ("vision", "input") and not method.is_noop:
+        shrinks_tower = flops.schedule_tower(method, shape) is not None
+        if (
+            method is not None
+            and method.stage in ("vision", "input")
+            and not method.is_noop
+            and not shrinks_tower
+        ):
             rep.notes.append(
                 f"{type(method).__name__}: the vision tower and projector still run on every visual token; 'selection' is "
                 "the method's own work before the LLM"

@@ -2,7 +2,7 @@
 
 from .context import Context, VisionContext
 from .edits import Insert, Keep, Merge
-from .plan import Replace, Step, Vision
+from .plan import Replace, Step, Vision, VisionRun
 from .session import Engine
 from .state import KVMap, TokenState
 from .trace import DecodeRecord, ScoreRecord, StageRecord, Trace
@@ -22,5 +22,6 @@ __all__ = [
     "TokenState",
     "Trace",
     "Vision",
+    "VisionRun",
     "VisionContext",
 ]

@@ -139,6 +139,11 @@ class Context:
             values = tuple(torch.as_tensor(v).cpu() for v in (kv_only, extra, module_flops))
             self._engine.trace.layer_work[self.layer] = values
 
+    def add_loss(self, value: torch.Tensor) -> None:
+        """Add ``value`` (a scalar with gradient) to the loss the model returns for this call (training
+        with labels; e.g. CrossGET's cross-token distillation)."""
+        self._engine._losses.append(value)
+
     @property
     def cache(self):
         """The KV cache this call fills (None without one)."""
@@ -189,6 +194,10 @@ class Context:
         return mean_query_scores(probs, weight)
 
 
+#: where vision runners' per-layer token counts live in the vision store (read into the trace)
+TOWER_TOKENS = "tower_tokens"
+
+
 class VisionContext:
     """A vision step's view: ``hidden``, the input of vision encoder layer ``layer`` (CLIP-style towers:
     [sequences, tokens, D], one sequence per image or crop; Qwen-VL: [patches, D], every image's patches
@@ -206,3 +215,8 @@ class VisionContext:
         self.store = store
         self.kwargs = kwargs or {}
         self.vision_inputs = vision_inputs or {}
+
+    def record_tokens(self, attention: int, mlp: int | None = None) -> None:
+        """A runner records the tokens per sequence its layer really processed (attention, then MLP when
+        a merge between them shortened the sequence), for the tower's FLOPs."""
+        self.store.setdefault(TOWER_TOKENS, {})[self.layer] = (attention, attention if mlp is None else mlp)

@@ -8,6 +8,8 @@
   FastV scores at layer K-1 and drops at K, SparseVLM's stages at consecutive layers), and its result
   reaches ``edit`` as ``ctx.observed``.
 * :class:`Vision`: at a vision-tower encoder layer's input, observe (or replace) its hidden states.
+* :class:`VisionRun`: vision-tower encoder layers ``start .. end-1`` are computed by ``run(vctx, layer_idx,
+  layer, hidden, call_layer)``, which may return a sequence of another length (merging inside the tower).
 * :class:`Replace`: decoder layers ``start .. end-1`` are computed by ``run(ctx, layer_idx, layer, hidden,
   call_layer)`` instead of by their own forward, in prefills where the runner is active; ``call_layer
   (hidden, **changes)`` runs the stock layer (with changed keyword arguments) and returns its hidden
@@ -45,6 +47,19 @@ class Vision:
 
 
 @dataclass(frozen=True)
+class VisionRun:
+    """Vision encoder layers ``start .. end-1`` are computed by ``run(vctx, layer_idx, layer, hidden,
+    call_layer)`` (:class:`leanvlm.engine.context.VisionContext`; ``call_layer(hidden, **changes)`` runs
+    the stock layer) whenever the tower runs while the method is applied. The runner may return hidden
+    states of another length: the next layer gets them, and the tower's outputs are what the layers
+    returned (the model reads its image features from them, so they must have the stock shape there)."""
+
+    start: int
+    end: int
+    run: Callable
+
+
+@dataclass(frozen=True)
 class Replace:
     start: int
     end: int
@@ -77,15 +92,23 @@ def check_plan(method, plan: list, num_layers: int, num_vision_layers=None) -> N
             _check_stage(owner, stage, allowed, f"a step at layer {item.layer}")
             if not method.changes_length:
                 raise ConfigError(f"{owner} declares changes_length=False but its plan edits the token set")
+        elif isinstance(item, VisionRun):
+            n = num_vision_layers()
+            if not 0 <= item.start < item.end <= n:
+                raise ConfigError(
+                    f"{owner}: VisionRun({item.start}, {item.end}) must satisfy 0 <= start < end <= {n}"
+                )
+            _check_stage(owner, stage, ("vision",), f"VisionRun({item.start}, {item.end})")
         elif isinstance(item, Replace):
             if not 1 <= item.start < item.end <= num_layers:
                 raise ConfigError(
                     f"{owner}: Replace({item.start}, {item.end}) must satisfy 1 <= start < end <= {num_layers}"
                 )
-            _check_stage(owner, stage, ("llm",), f"Replace({item.start}, {item.end})")
+            # a method acting in the tower may also compute decoder layers (CrossGET's text cross token)
+            _check_stage(owner, stage, ("llm", "vision"), f"Replace({item.start}, {item.end})")
         else:
             raise ConfigError(
-                f"{owner}: plan() returned {type(item).__name__}; expected Step, Vision or Replace items"
+                f"{owner}: plan() returned {type(item).__name__}; expected Step, Vision, VisionRun or Replace items"
             )
 
 
@@ -99,13 +122,14 @@ def _check_stage(owner: str, stage: str, allowed: tuple[str, ...], what: str) ->
 
 def check_runners(plans: list[tuple[str, list]]) -> None:
     """Two methods can not both replace one layer. ``plans``: (method description, plan) pairs."""
-    owner_of: dict[int, str] = {}
+    owner_of: dict[tuple[str, int], str] = {}
     for owner, plan in plans:
         for item in plan:
-            if isinstance(item, Replace):
+            if isinstance(item, (Replace, VisionRun)):
+                kind = "vision encoder" if isinstance(item, VisionRun) else "decoder"
                 for i in range(item.start, item.end):
-                    if i in owner_of:
+                    if (kind, i) in owner_of:
                         raise IncompatibleMethodsError(
-                            f"{owner_of[i]} and {owner} both replace decoder layer {i}"
+                            f"{owner_of[kind, i]} and {owner} both replace {kind} layer {i}"
                         )
-                    owner_of[i] = owner
+                    owner_of[kind, i] = owner

@@ -29,11 +29,11 @@ import torch
 from .. import compat
 from ..errors import LeanVLMError, UnsupportedModelError
 from .cache import check_cache, get_kv_record, set_kv_record
-from .context import Context, VisionContext
+from .context import TOWER_TOKENS, Context, VisionContext
 from .edits import apply_edit
 from .layers import extend_mask, layer_position_ids, next_positions, prefill_mask
 from .local import PerThread, prompt_length_of, remove_hook
-from .plan import Replace, Step, Vision, check_plan, check_runners
+from .plan import Replace, Step, Vision, VisionRun, check_plan, check_runners
 from .state import KVMap, KVRecord, TokenState, expand_positions
 from .trace import DecodeRecord, StageRecord, Trace
 from .training import answer_queries, next_token_targets
@@ -113,6 +113,8 @@ class Engine:
     _generate_batch = PerThread()
     _replicas = PerThread()
     _tower_inputs = PerThread()
+    #: losses the methods add to the model's loss in this call (``ctx.add_loss``)
+    _losses = PerThread(factory=lambda engine: [])
 
     #: time the methods' work before the LLM into ``trace.selection_ms`` (synchronises the device there)
     time_selection = False
@@ -126,7 +128,7 @@ class Engine:
         #: (module, "pre" | "post", hook id) of every hook installed; every hook is a bound method of the
         #: engine (or a partial of one), so that a deep copy of the model gets a copy of the engine
         self._hooked: list[tuple[torch.nn.Module, str, int]] = []
-        self._replaced: list[int] = []
+        self._replaced: list[torch.nn.Module] = []
         self._patched_generate = False
         #: the trace of the last prefill in any thread (what a thread that ran none sees)
         self.last_trace: Trace | None = None
@@ -156,11 +158,12 @@ class Engine:
         self.vision_at: dict[int, list[Vision]] = {}
         for v in (v for v in items if isinstance(v, Vision)):
             self.vision_at.setdefault(v.layer, []).append(v)
+        self.vision_runners = {i: r for r in items if isinstance(r, VisionRun) for i in range(r.start, r.end)}
         #: the layers where a stage of the KV cache begins (stored with a cache it filled)
         self.layout = tuple(sorted({s.layer for s in steps}))
         self.stage_of_layer = [sum(s <= i for s in self.layout) for i in range(n_layers)]
         self.input_stage = 0 in self.layout
-        self.active = bool(steps or self.runners or self.vision_at)
+        self.active = bool(steps or self.runners or self.vision_at or self.vision_runners)
         #: the decoding-stage method, whose loop generate() runs (through leanvlm.generation.generate)
         self.decoder = next((m for m in self.methods if m.stage == "decode" and not m.is_noop), None)
         hooked = [*self.layout, *self.observe_at, *self.runners]
@@ -187,7 +190,11 @@ class Engine:
             self._hook(a.vision_layers[i], "pre", functools.partial(self._vision_hook, i))
         for i in sorted(self.runners):
             a.layers[i].forward = functools.partial(self._replaced_forward, i, a.layers[i])
-            self._replaced.append(i)
+            self._replaced.append(a.layers[i])
+        for i in sorted(self.vision_runners):
+            layer = a.vision_layers[i]
+            layer.forward = functools.partial(self._vision_run_forward, i, layer)
+            self._replaced.append(layer)
         # generate() without a KV cache re-runs the whole sequence each step; ranking must keep using
         # the last *prompt* token so that cached and uncached generation keep the same tokens, and the
         # trace keeps the prefill (the first forward) while later forwards are decode steps.
@@ -205,8 +212,8 @@ class Engine:
         for module, kind, hook_id in self._hooked:
             remove_hook(module, kind, hook_id)
         self._hooked.clear()
-        for i in self._replaced:
-            self.adapter.layers[i].__dict__.pop("forward", None)
+        for layer in self._replaced:
+            layer.__dict__.pop("forward", None)
         self._replaced.clear()
         if self._patched_generate:
             del self.adapter.model.generate
@@ -227,7 +234,7 @@ class Engine:
         new.last_trace = None
         new.adapter = copy.deepcopy(self.adapter, memo)
         new._hooked = [(copy.deepcopy(m, memo), kind, hook_id) for m, kind, hook_id in self._hooked]
-        new._replaced = list(self._replaced)
+        new._replaced = [copy.deepcopy(m, memo) for m in self._replaced]
         # the methods' steps may hold the original's modules (trainable parts): plan again for the copy,
         # on its first call (the copied model is still being built here)
         new._stale = True
@@ -316,6 +323,7 @@ class Engine:
             return None
         if self._stale:
             self._replan()
+        self._losses = []
         # The model's logits may cover other tokens than its input: take the labels, and compute the loss
         # against the targets of the slots the last layer had (_top_post).
         if not self.layout or kwargs.get("labels") is None:
@@ -330,7 +338,11 @@ class Engine:
             return None
         labels, self._labels = self._labels, None
         shift_labels, self._shift_labels = self._shift_labels, None
+        extra, self._losses = self._losses, []
         if labels is None:
+            if extra and getattr(output, "loss", None) is not None:
+                output.loss = output.loss + sum(extra)
+                return output
             return None
         if not hasattr(output, "logits"):
             raise UnsupportedModelError("labels with a token-reducing method need return_dict=True outputs")
@@ -340,6 +352,8 @@ class Engine:
         output.loss = compat.causal_lm_loss(
             module, output.logits, labels=labels, shift_labels=shift_labels, **loss_kwargs
         )
+        if extra:
+            output.loss = output.loss + sum(extra)
         return output
 
     # --- the decoder stack ---------------------------------------------------------------------------
@@ -484,6 +498,7 @@ class Engine:
             self.trace.reset()
             self.trace.selection_ms = self._vision_ms or 0.0
             self.trace.vision_inputs = self._vision_inputs
+            self.trace.tower_tokens = dict((self._vision_store or {}).get(TOWER_TOKENS, {}))
             self.trace.stages = records
             ids = functools.partial(self.adapter.image_ids, placeholders, self._vision_inputs)
             self.trace.image_ids_of = functools.cache(lambda: ids().masked_fill(~valid, -1))
@@ -741,6 +756,23 @@ class Engine:
         if self.time_selection:
             self._vision_ms = (self._vision_ms or 0.0) + (_clock(hidden.device) - start) * 1e3
         return compat.set_layer_hidden(args, kwargs, hidden) if changed else None
+
+    def _vision_run_forward(self, layer_idx: int, layer, *args, **kwargs):
+        """The forward of a vision encoder layer a method's runner replaces (whenever the tower runs)."""
+        stock = type(layer).forward.__get__(layer)
+        if layer is not self.adapter.vision_layers[layer_idx]:
+            return stock(*args, **kwargs)
+        hidden = compat.layer_hidden(args, kwargs)
+        if self._vision_store is None:
+            self._vision_store = {}
+
+        def call_layer(h: torch.Tensor, **changes) -> torch.Tensor:
+            a, k = compat.set_layer_hidden(args, {**kwargs, **changes}, h)
+            return compat.layer_output_hidden(stock(*a, **k))
+
+        vctx = VisionContext(self.adapter, layer_idx, hidden, self._vision_store, kwargs, self._vision_inputs)
+        out = self.vision_runners[layer_idx].run(vctx, layer_idx, layer, hidden, call_layer)
+        return compat.layer_output(out)
 
     def _replaced_forward(self, layer_idx: int, layer, *args, **kwargs):
         """The forward of a layer a method's runner replaces (while a call of this model is running)."""

@@ -80,6 +80,9 @@ class Trace:
     #: values [B], tokens the layer processed beyond the sequence's own [B], FLOPs of the method's own
     #: modules in the layer [B]) (ProxyV: full vision tokens, proxies, the guided update)
     layer_work: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    #: vision encoder layers a runner computed, by layer: (tokens per sequence in attention, in the MLP)
+    #: (CrossGET's tower shrinks layer by layer); layers not listed ran in full
+    tower_tokens: dict[int, tuple[int, int]] = field(default_factory=dict)
     prefills: int = 0
 
     def __repr__(self) -> str:
@@ -98,6 +101,7 @@ class Trace:
         self.decode = []
         self.vision_inputs = None
         self.layer_work = {}
+        self.tower_tokens = {}
         self.prefills += 1
 
     @property

@@ -3,6 +3,7 @@
 from .base import Method
 from .baselines import RandomDrop, UniformDrop
 from .cdpruner import CDPruner
+from .crossget import CrossGET
 from .divprune import DivPrune
 from .fastv import FastV
 from .llavolta import VisualContextCompression
@@ -13,6 +14,7 @@ from .visionzip import VisionZip
 
 __all__ = [
     "CDPruner",
+    "CrossGET",
     "DivPrune",
     "FastV",
     "Method",

@@ -29,7 +29,8 @@ class Method:
       changes_length: later layers see a different number of tokens (the cache holds stages); a plan
         with steps from a method that declares False is refused.
       trainable: has parameters of its own (``build_modules``), attached by ``lv.prepare`` before the
-        optimizer is built; ``apply`` refuses it on a model they were not attached to.
+        optimizer is built; ``apply`` refuses it on a model they were not attached to, unless it
+        declares ``requires_modules = False``.
       composes: may share its stage with another method (default: one method per stage).
     """
 
@@ -40,6 +41,9 @@ class Method:
     needs: ClassVar[tuple[str, ...]] = ()
     changes_length: ClassVar[bool] = True
     trainable: ClassVar[bool] = False
+    #: a trainable method that can not run without its modules (False: it runs untrained without them,
+    #: e.g. CrossGET with zero offsets)
+    requires_modules: ClassVar[bool] = True
     composes: ClassVar[bool] = False
 
     positions: str
@@ -122,6 +126,12 @@ class Method:
         give only keys and values, tokens processed beyond the sequence's own, FLOPs of the method's
         modules) where a runner computes the layer in a split form; None when none does (what
         ``leanvlm flops`` counts; the trace's ``layer_work`` must match it)."""
+        return None
+
+    def tower_schedule(self, vision) -> list[tuple[int, int]] | None:
+        """Per vision encoder layer of a tower of shape ``vision`` (:class:`leanvlm.flops.VisionShape`),
+        the tokens per sequence its attention and MLP process, for a method that shortens the tower's
+        sequence; None when the tower runs in full (the trace's ``tower_tokens`` must match it)."""
         return None
 
     def extra_tokens(self, num_layers: int, images: list[int]) -> list[int]:

@@ -12,6 +12,17 @@ from ..errors import ConfigError, check_range, is_int, show
 from .base import POSITIONS, Method
 
 
+def first_items(counts: list[int], replicas: int = 1) -> list[int]:
+    """Per sample with ``counts[b]`` items (images, frames): the index of its first item among the items
+    the vision tower ran, when each run of ``replicas`` consecutive samples are copies of one sample
+    whose items the tower ran once."""
+    firsts, total = [], 0
+    for c in counts[::replicas]:
+        firsts.append(total)
+        total += c
+    return [firsts[b // replicas] for b in range(len(counts))]
+
+
 class PerImageSelection(Method):
     """A method that keeps, of each image's N visual tokens, ``round(N * keep_ratio)`` (or
     ``keep_tokens``) chosen by :meth:`select`, before the LLM. Text is untouched; the kept tokens keep

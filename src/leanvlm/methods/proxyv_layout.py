@@ -6,6 +6,7 @@ import torch
 
 from ..errors import ConfigError
 from ..ops.masks import proxy_mask
+from .prellm import first_items
 
 
 class _Layout:
@@ -20,16 +21,13 @@ def build_layout(method, ctx) -> _Layout:
     replicas = ctx.replicas
     inputs = (ctx.tower_inputs or ctx.vision_inputs) if replicas > 1 else ctx.vision_inputs
     per_image = ctx.image_slots()
-    offsets, total = [], 0
-    for row in range(len(per_image)):  # each original sample's first image (generate() may repeat samples)
-        offsets.append(total)
-        if row % replicas == replicas - 1:
-            total += len(per_image[row])
+    # each original sample's first image (generate() may repeat samples after the tower ran)
+    starts = first_items([len(images) for images in per_image], replicas)
     samples = []
     for row, images in enumerate(per_image):
         sample = _Sample()
         for local, (image, slots) in enumerate(sorted(images.items())):
-            number = image if replicas == 1 else offsets[row - row % replicas] + local
+            number = image if replicas == 1 else starts[row] + local
             layout = ctx.adapter.visual_layout(inputs, number, len(slots))
             if layout is None:
                 if method.proxy == "spatial":

@@ -9,6 +9,7 @@ from ..engine.plan import Step, Vision
 from ..errors import ConfigError, LeanVLMError, UnsupportedModelError, check_range, is_int, show
 from ..registry import register_method
 from .base import POSITIONS, Method
+from .prellm import first_items
 
 #: CLS-attention scores and key similarities are compared at this resolution, so that float noise (a
 #: vision tower run on a batch and on one image differs by about 1e-8) does not decide
@@ -17,17 +18,6 @@ RESOLUTION = 1e-6
 
 def _quantise(x: torch.Tensor) -> torch.Tensor:
     return torch.round(x / RESOLUTION) * RESOLUTION
-
-
-def first_items(counts: list[int], replicas: int = 1) -> list[int]:
-    """Per sample with ``counts[b]`` items (images, frames): the index of its first item among the items
-    the vision tower ran, when each run of ``replicas`` consecutive samples are copies of one sample
-    whose items the tower ran once."""
-    firsts, total = [], 0
-    for c in counts[::replicas]:
-        firsts.append(total)
-        total += c
-    return [firsts[b // replicas] for b in range(len(counts))]
 
 
 def attention_received(q: torch.Tensor, k: torch.Tensor, scaling: float, bounds: list[int]) -> torch.Tensor:
