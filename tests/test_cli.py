@@ -101,7 +101,7 @@ def test_generate_text_output_two_images(capsys, saved_model):
         ),
         (
             ["--method", "warpdrive"],
-            "unknown method 'warpdrive'; registered methods: cdpruner, divprune, fastv",
+            "unknown method 'warpdrive'; registered methods: cdpruner, crossget, divprune, fastv",
         ),
         (["--method", "fastv:2"], "method argument '2' is not of the form key=value"),
         (["--image", "/nonexistent.png"], "--image '/nonexistent.png' cannot be read as an image"),

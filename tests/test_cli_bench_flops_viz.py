@@ -110,6 +110,7 @@ def test_bench_writes_table_json_and_plot(capsys, bench_run):
         "none (leanvlm, no method)",
         "cdpruner @ default",
         "cdpruner @ 0.8",
+        "crossget @ default",
         "divprune @ default",
         "divprune @ 0.8",
         "fastv @ default",
@@ -194,7 +195,8 @@ def test_unreachable_budgets_are_skipped_with_their_reason():
 def test_matched_budgets_give_matched_equivalent_tokens():
     skipped = []
     configs = build_configs(None, parse_budgets("0.5"), 32, skipped)
-    assert [label for label, _ in skipped] == ["proxyv @ 0.5"] and "no token budget" in skipped[0][1]
+    assert [label for label, _ in skipped] == ["crossget @ 0.5", "proxyv @ 0.5"]
+    assert "merge_per_layer" in skipped[0][1] and "no token budget" in skipped[1][1]
     cdpruner, divprune, fastv, pdrop, random, sparsevlm, uniform, vcc, visionzip = (
         c.methods[0] for c in configs[2:]
     )

@@ -322,7 +322,7 @@ def test_class_names_of_every_method_are_accepted():
             assert get_method(alias) is cls
     with pytest.raises(
         lv.ConfigError,
-        match=r"method name None must be a string; registered methods: cdpruner, divprune, fastv",
+        match=r"method name None must be a string; registered methods: cdpruner, crossget, divprune, fastv",
     ):
         get_method(None)
 

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from models import PROMPTS, build, make_inputs
-from test_train import data_dir  # noqa: F401  (fixture)
+from test_train import data_dir, train_argv  # noqa: F401  (fixture)
 
 import leanvlm as lv
 from leanvlm import compat
@@ -58,7 +58,9 @@ def test_ensemble_weights_sizes_and_order():
     size = torch.tensor([[1.0, 1.0, 3.0, 1.0]])
     importance = torch.tensor([[0.0, 0.2, 0.0, 0.7]])
     # token 3 merges into token 1
-    out, new_size = ensemble_merge(x, size, importance, torch.tensor([[3]]), torch.tensor([[1]]), torch.tensor([[0, 1, 2]]))
+    out, new_size = ensemble_merge(
+        x, size, importance, torch.tensor([[3]]), torch.tensor([[1]]), torch.tensor([[0, 1, 2]])
+    )
     w = torch.softmax(torch.tensor([0.7, 0.2]), 0) * 2  # (source, destination)
     expected = (w[0] * x[0, 3] * 1 + w[1] * x[0, 1] * 1) / 2
     torch.testing.assert_close(out[0, 1], expected)
@@ -96,15 +98,7 @@ def test_proportional_attention_layer_equals_an_eager_reference(sizes):
     x = torch.randn(2, 18, model.config.vision_config.hidden_size)
     size = torch.ones(2, 18) if sizes == "ones" else torch.randint(1, 5, (2, 18)).float()
     tower = crossget_module._Tower(lv.CrossGET(merge_per_layer=0), adapter, None, 0)
-
-    class Ctx:
-        store = {}
-
-        @staticmethod
-        def record_tokens(*a):
-            pass
-
-    out, _ = tower._layer(Ctx, layer, x, {"size": size})
+    out, _, _ = tower._layer(layer, x, size, 0)
     bias = size.log()[:, None, None, :].expand(2, 1, 18, 18)
     with torch.no_grad():
         compat.set_attn_implementation(model, "eager")
@@ -211,12 +205,9 @@ def test_modules_save_load_and_another_shape_is_refused(tmp_path):
 
 def test_training_steps_lower_the_loss_and_change_only_the_cross_tokens(data_dir, tmp_path):  # noqa: F811
     out = tmp_path / "run"
-    argv = [
-        "train", "--preset", "tiny", "--data", str(data_dir / "data.json"), "--output-dir", str(out),
-        "--max-steps", "8", "--batch-size", "2", "--lr", "1e-2", "--logging-steps", "1",
-        "--method", "crossget:merge_per_layer=3,kd_weight=0.1", "--train-parts", "modules", "--no-progress",
-        "--save-steps", "100",
-    ]
+    argv = train_argv(
+        data_dir, out, "crossget:merge_per_layer=3,kd_weight=0.1", "--lr", "1e-2", "--train-parts", "modules"
+    )
     assert main(argv) == 0
     losses = json.loads((out / "train_summary.json").read_text())["losses"]
     assert len(losses) == 8 and sum(losses[-4:]) < sum(losses[:4])
@@ -229,3 +220,18 @@ def test_training_steps_lower_the_loss_and_change_only_the_cross_tokens(data_dir
     assert all(torch.equal(trained[k], v) for k, v in base.state_dict().items())
     modules = load_file(out / "leanvlm_modules.safetensors")
     assert modules["CrossGET.cross_image"].abs().sum() > 0 and modules["CrossGET.cross_text"].abs().sum() > 0
+
+
+def test_activation_checkpointing_gives_equal_cross_token_gradients(data_dir):  # noqa: F811
+    from test_train import batch_of, checkpointing_grads
+
+    from leanvlm.presets import build_preset
+
+    method = lv.CrossGET(merge_per_layer=3, kd_weight=0.1)
+    model, proc = build_preset("tiny", num_layers=5)
+    lv.prepare(model, method)
+    with torch.no_grad():
+        lv.modules.modules_for(model, method).cross_text.normal_(0, 0.1)
+    grads = checkpointing_grads(model, method, batch_of(proc, data_dir))[False]
+    assert grads["leanvlm_modules.CrossGET.cross_image"].abs().sum() > 0
+    assert grads["leanvlm_modules.CrossGET.cross_text"].abs().sum() > 0

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from models import PROMPTS, build, make_inputs
-from test_train import data_dir  # noqa: F401  (fixture)
+from test_train import data_dir, train_argv  # noqa: F401  (fixture)
 
 import leanvlm as lv
 from leanvlm.cli.main import main
@@ -286,32 +286,17 @@ def test_modules_save_and_load_and_refuse_another_shape(tmp_path):
 
 def test_training_steps_lower_the_loss_and_change_only_the_modules(data_dir, tmp_path):  # noqa: F811
     out = tmp_path / "run"
-    argv = [
-        "train",
-        "--preset",
-        "tiny",
-        "--data",
-        str(data_dir / "data.json"),
-        "--output-dir",
-        str(out),
-        "--max-steps",
-        "8",
-        "--batch-size",
-        "2",
+    argv = train_argv(
+        data_dir,
+        out,
+        "proxyv:start_layer=2,reduce_factor=2",
         "--lr",
         "1e-5",
         "--modules-lr",
         "3e-3",
-        "--logging-steps",
-        "1",
-        "--method",
-        "proxyv:start_layer=2,reduce_factor=2",
         "--train-parts",
         "modules",
-        "--no-progress",
-        "--save-steps",
-        "100",
-    ]
+    )
     assert main(argv) == 0
     summary = json.loads((out / "train_summary.json").read_text())
     losses = summary["losses"]
@@ -332,6 +317,27 @@ def test_training_steps_lower_the_loss_and_change_only_the_modules(data_dir, tmp
     before = lv.prepare(fresh, method)[method.module_key()].state_dict()
     changed = [k for k, v in before.items() if not torch.equal(modules[f"{method.module_key()}.{k}"], v)]
     assert changed  # the modules trained
+    # a second stage from the first's output folder starts from its trained modules (lr 0: they stay)
+    stage2 = tmp_path / "stage2"
+    argv2 = [
+        "train",
+        "--model",
+        str(out),
+        "--data",
+        str(data_dir / "data.json"),
+        "--output-dir",
+        str(stage2),
+        "--max-steps",
+        "1",
+        "--lr",
+        "0",
+        "--method",
+        "proxyv:start_layer=2,reduce_factor=2",
+        "--no-progress",
+    ]
+    assert main(argv2) == 0
+    again = load_file(stage2 / "leanvlm_modules.safetensors")
+    assert again.keys() == modules.keys() and all(torch.equal(again[k], modules[k]) for k in modules)
 
 
 def test_learned_proxies_follow_a_reduction_before_the_llm_and_spatial_ones_refuse():
@@ -369,3 +375,23 @@ def test_beam_copies_get_their_own_samples_layout(adapter, captured):
         model(**make_inputs(proc, PROMPTS[1:2]))  # the second sample alone
     assert captured["layouts"][1][0].vis_count[0] == lay.vis_count[2]
     assert captured["layouts"][1][0].proxy_count[0] == lay.proxy_count[2]
+
+
+def test_activation_checkpointing_recomputes_the_split_layers_with_equal_gradients(data_dir, captured):  # noqa: F811
+    from test_train import batch_of, checkpointing_grads
+
+    from leanvlm.presets import build_preset
+
+    method = lv.ProxyV(start_layer=2, reduce_factor=2)
+    model, proc = build_preset("tiny", num_layers=5)
+    torch.manual_seed(0)
+    lv.prepare(model, method)
+    calls = []
+    grads = checkpointing_grads(
+        model, method, batch_of(proc, data_dir), lambda: calls.append(len(captured["layers"]))
+    )
+    calls.append(len(captured["layers"]))
+    assert any("leanvlm_modules" in n for n in grads[False])
+    assert calls[1] - calls[0] == 3  # three split layers
+    if True in grads:
+        assert calls[2] - calls[1] == 6  # recomputed in the backward pass

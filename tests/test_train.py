@@ -42,6 +42,44 @@ def data_dir(tmp_path_factory):
     return root
 
 
+def train_argv(data_dir, out, method: str, *extra: str) -> list[str]:
+    """``leanvlm train`` on the tiny preset for 8 steps of batches of 2, logging every step."""
+    return [
+        *("train", "--preset", "tiny", "--data", str(data_dir / "data.json"), "--output-dir", str(out)),
+        *("--max-steps", "8", "--batch-size", "2", "--logging-steps", "1", "--save-steps", "100"),
+        *("--method", method, "--no-progress", *extra),
+    ]
+
+
+def checkpointing_grads(model, method, batch, before_each=None) -> dict:
+    """Gradients of one training forward with ``method`` applied, without and with activation
+    checkpointing ({False: grads, True: grads}); on transformers < 5.23 the checkpointed one must be
+    refused, naming the version (then only False is there). ``before_each()`` runs before each pass."""
+    model.train()
+    replays = compat.checkpoint_reruns_hooks(model.model.language_model.layers[0])
+    grads = {}
+    for on in (False, True):
+        model.zero_grad()
+        compat.set_checkpointing(model, on, use_reentrant=False)
+        if before_each is not None:
+            before_each()
+        try:
+            with lv.apply(model, method):
+                if on and replays:
+                    with pytest.raises(lv.CompatError, match="needs transformers >= 5.23"):
+                        model(**batch)
+                    continue
+                model(**batch).loss.backward()
+        finally:
+            compat.set_checkpointing(model, False)
+        grads[on] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    if True in grads:
+        assert grads[True].keys() == grads[False].keys()
+        for name, g in grads[False].items():
+            torch.testing.assert_close(grads[True][name], g, atol=1e-5, rtol=1e-4)
+    return grads
+
+
 def trainer_for(model, proc, data_dir, out, callback, **kw):
     from transformers import Trainer, TrainingArguments
 

@@ -296,6 +296,9 @@ PRESETS: dict[str, dict] = {
         **_QWEN25_VIT,
     ),
 }
+# bench-cpu with LLaVA-1.5's tower depth (features from layer 23 of 24), for methods inside the tower
+PRESETS["bench-cpu-tower24"] = {**PRESETS["bench-cpu"], "vision_layers": 24}
+
 PRESET_HELP = {
     "tiny": "4-layer LLaVA, 16 visual tokens (tests)",
     "tiny-llava-next": "4-layer LLaVA-NeXT (tests)",
@@ -303,6 +306,7 @@ PRESET_HELP = {
     "tiny-qwen2.5-vl": "4-layer Qwen2.5-VL (tests)",
     "demo": "8-layer hidden-256 LLaVA with LLaVA-1.5's 576 visual tokens",
     "bench-cpu": "32-layer hidden-256 LLaVA with 576 visual tokens (default bench model)",
+    "bench-cpu-tower24": "bench-cpu with a 24-layer vision tower, as LLaVA-1.5's (for CrossGET)",
     "llava-1.5-7b": "LLaVA-1.5-7B shape (Vicuna-7B + CLIP ViT-L/14-336)",
     "llava-1.5-13b": "LLaVA-1.5-13B shape (Vicuna-13B + CLIP ViT-L/14-336)",
     "llava-next-7b": "LLaVA-NeXT-7B shape (Vicuna-7B + CLIP ViT-L/14-336, AnyRes up to 672x672)",

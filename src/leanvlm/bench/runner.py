@@ -207,7 +207,7 @@ def attach_untrained(model, configs: list[BenchConfig]) -> set[str]:
     for c in configs:
         for m in c.methods or ():
             registry = attached(model)
-            if m.trainable and (registry is None or m.module_key() not in registry):
+            if m.trainable and m.requires_modules and (registry is None or m.module_key() not in registry):
                 prepare(model, m)
                 fresh.add(m.module_key())
             if m.trainable and m.module_key() in fresh:

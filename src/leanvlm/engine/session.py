@@ -405,7 +405,7 @@ class Engine:
                 check_cache(past)  # refuse a cache that can not hold reduced layers before any work
 
         if past_len == 0 and mask_past == 0:
-            if self.layout:
+            if self.layout or self.runners or self.vision_runners:
                 self._check_checkpointing()
             return self._begin_prefill(args, kwargs, b, n, device, valid, visual, past, placeholders)
         return self._begin_extend(
@@ -600,12 +600,15 @@ class Engine:
         return hidden
 
     def _check_checkpointing(self) -> None:
-        layer = self.adapter.layers[-1]
-        if compat.checkpointing_active(layer) and compat.checkpoint_reruns_hooks(layer):
+        layers = [self.adapter.layers[-1]]
+        if self.vision_runners:
+            layers.append(self.adapter.vision_layers[max(self.vision_runners)])
+        if any(compat.checkpointing_active(m) and compat.checkpoint_reruns_hooks(m) for m in layers):
             raise compat.fail(
-                "activation checkpointing with a token-reducing method needs transformers >= 5.23: this "
-                "release checkpoints each layer's __call__, so the backward pass would replay the layers "
-                "without the engine's edits; upgrade transformers or train without checkpointing"
+                "activation checkpointing with a method that edits tokens or computes layers needs "
+                "transformers >= 5.23: this release checkpoints each layer's __call__, so the backward pass "
+                "would replay the layers without the engine's edits; upgrade transformers or train without "
+                "checkpointing"
             )
 
     def _text_post(self, module, args, kwargs, output):

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .. import compat
 from ..engine import Insert, Keep, Replace, Step, VisionRun
@@ -57,8 +58,9 @@ class CrossGET(Method):
           shares that token's position id (the reference gives it its own: text after it is one lower).
         - The text cross token is each sample's first real token (the reference: sequence position 0,
           which is padding in a left-padded batch).
-        - Attention output through sdpa with the log-size bias as a float mask; the importance from a
-          separate head-mean softmax of the same q / k (the reference: eager attention for both).
+        - Layers that merge compute attention by hand (float32 softmax), whose probabilities give the
+          output and the importance, as the reference's eager attention; a layer that merges nothing runs
+          sdpa with the log-size bias as its float mask.
         - LLaVA-1.5 only: LLaVA-NeXT's AnyRes packing and Qwen-VL's window attention and 2x2 merger are
           refused by name.
     """
@@ -160,6 +162,13 @@ class CrossGET(Method):
     def bench_default(cls, num_layers: int) -> Method:
         return cls()
 
+    @classmethod
+    def at_budget(cls, budget: float, num_layers: int) -> Method:
+        raise ConfigError(
+            "CrossGET's token count follows the vision tower's depth, not a budget: choose merge_per_layer "
+            "(13 gives 278 of 576 on LLaVA-1.5's 24-layer tower)"
+        )
+
 
 class _Tower:
     """The runners of one applied CrossGET: the tower's layers, the input stage and the text cross token."""
@@ -184,7 +193,17 @@ class _Tower:
         cross = cross + offset.to(hidden.dtype) if offset is not None else cross
         hidden = torch.cat([hidden[:, :-1], cross], 1)
         st["cross"].append(cross[:, 0])
-        hidden, kept = self._layer(vctx, layer, hidden, st)
+        n = hidden.shape[1]
+        r = min(self.method.merge_per_layer, (n - 2) // 2)
+        if compat.checkpointing_active(layer):  # the layer is computed by hand: checkpoint it here
+            hidden, st["size"], keep = checkpoint(
+                self._layer, layer, hidden, st["size"], r, use_reentrant=False
+            )
+        else:
+            hidden, st["size"], keep = self._layer(layer, hidden, st["size"], r)
+        if keep is not None:
+            st["orig"] = st["orig"].gather(1, keep)
+        vctx.record_tokens(n, n - r)
         if i != self.feature:
             return hidden
         st["compact"] = hidden
@@ -192,7 +211,9 @@ class _Tower:
         st["cross_feature"] = hidden[:, -1]
         return self._laid_out(hidden, st, vctx)
 
-    def _layer(self, vctx, layer, x, st):
+    def _layer(self, layer, x, size, r):
+        """One encoder layer with proportional attention and, when ``r`` > 0, ``r`` merges between its
+        attention and its MLP: (output, sizes, the kept tokens' indices or None)."""
         parts = compat.clip_layer_parts(layer)
         b, n, d = x.shape
         h = parts.layer_norm1(x)
@@ -200,22 +221,25 @@ class _Tower:
             p(h).view(b, n, parts.num_heads, parts.head_dim).transpose(1, 2)
             for p in (parts.q_proj, parts.k_proj, parts.v_proj)
         )
-        bias = st["size"].log().to(q.dtype)[:, None, None, :]
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.expand(b, 1, n, n), scale=parts.scale)
+        bias = size.log().to(q.dtype)[:, None, None, :]
+        keep = None
+        if r == 0:  # no importance needed: any kernel, the log-size bias as sdpa's float mask
+            attn = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=bias.expand(b, 1, n, n), scale=parts.scale
+            )
+        else:  # the probabilities serve the output and the importance alike (one softmax)
+            probs = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * parts.scale + bias.float(), -1)
+            attn = probs.to(v.dtype) @ v
         x = x + parts.out_proj(attn.transpose(1, 2).reshape(b, n, d))
-        r = min(self.method.merge_per_layer, (n - 2) // 2)
         if r > 0:
             with torch.no_grad():
-                logits = (q.float() @ k.float().transpose(-1, -2)) * parts.scale + bias.float()
-                probs = torch.softmax(logits, -1).mean(1)  # [B, N, N] head mean
-                importance = probs[:, :-1].mean(1) + probs[:, -1]
+                mean = probs.detach().mean(1)  # [B, N, N] head mean
+                importance = mean[:, :-1].mean(1) + mean[:, -1]
                 protected = torch.zeros(n, dtype=torch.bool, device=x.device)
                 protected[[0, n - 1]] = True
-                src, dst, keep = complete_graph_match(k.mean(1), importance, r, protected)
-            x, st["size"] = ensemble_merge(x, st["size"], importance, src, dst, keep)
-            st["orig"] = st["orig"].gather(1, keep)
-        vctx.record_tokens(n, n - r)
-        return x + parts.mlp(parts.layer_norm2(x)), r
+                src, dst, keep = complete_graph_match(k.detach().mean(1), importance, r, protected)
+            x, size = ensemble_merge(x, size, importance, src, dst, keep)
+        return x + parts.mlp(parts.layer_norm2(x)), size, keep
 
     def _laid_out(self, hidden, st, vctx):
         """The feature layer's output as the model reads it: CLS, then every patch slot, the merged tokens

@@ -4,7 +4,9 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
+from .. import compat
 from ..engine import Replace
 from ..engine.stack import split_layer
 from ..engine.state import gather_rows
@@ -60,8 +62,9 @@ class ProxyV(Method):
           each image or video frame's merged grid.
         - Spatial proxies average the central tokens of each r x r cell: exactly the reference's
           bilinear downsampling (align_corners=False) where r divides the grid's sides (tested); a
-          partial cell averages the tokens it holds.
-        - Learned proxies share one set of queries across tiles.
+          partial cell averages the central tokens it holds, or all of its tokens when it holds none of
+          them. Proxies are numbered tile by tile, each tile's cells in raster order.
+        - Learned proxies: one set of queries shared by every tile, as the reference.
         - Attention runs through sdpa with a boolean mask (eager softmax when the model runs eager;
           models loaded with flash attention use sdpa in these layers); no attention dropout.
     """
@@ -110,7 +113,7 @@ class ProxyV(Method):
 
     def module_key(self) -> str:
         kind = f"learned{self.learned_count}" if self.proxy == "learned" else "spatial"
-        return f"ProxyV-{self.start_layer}-{kind}"
+        return f"ProxyV-{self.start_layer}-r{self.reduce_factor}-{kind}"
 
     def build_modules(self, adapter):
         text = adapter.text_config
@@ -170,33 +173,53 @@ class _Runner:
         self.method, self.adapter, self.modules = method, adapter, modules
 
     def run(self, ctx, layer_idx, layer, hidden, call_layer):
-        if ctx.decoding or not bool(ctx.state.visual.any()):
+        update = self.modules.updates[layer_idx - self.method.start_layer]
+        if ctx.decoding:
             return call_layer(hidden)
+        if "proxyv_visual" not in ctx.shared:
+            ctx.shared["proxyv_visual"] = bool(ctx.state.visual.any())
+        if not ctx.shared["proxyv_visual"]:
+            out = call_layer(hidden)
+            if torch.is_grad_enabled():  # every module takes part in the graph (data parallelism expects it)
+                out = out + 0 * sum(p.sum() for p in update.parameters()).to(out.dtype)
+            return out
         lay = ctx.shared.get("proxyv")
         if lay is None:
             lay = ctx.shared["proxyv"] = build_layout(self.method, ctx)
             lay.proxies = self._initial_proxies(lay, hidden)
+        parts = self.adapter.layer_parts(layer_idx)
+        cos = torch.cat([ctx.state.cos, gather_rows(ctx.state.cos, lay.proxy_slot)], 1)
+        sin = torch.cat([ctx.state.sin, gather_rows(ctx.state.sin, lay.proxy_slot)], 1)
         n = hidden.shape[1]
-        tokens = torch.cat([hidden, lay.proxies.to(hidden.dtype)], 1)
-        out = split_layer(
-            self.adapter.layer_parts(layer_idx),
-            tokens,
-            lay.queries,
-            torch.cat([ctx.state.cos, gather_rows(ctx.state.cos, lay.proxy_slot)], 1),
-            torch.cat([ctx.state.sin, gather_rows(ctx.state.sin, lay.proxy_slot)], 1),
-            lay.allowed,
-            eager=self.adapter.attn_implementation == "eager",
-            cache=ctx.cache,
-            cache_tokens=n,
-            layer_idx=layer_idx,
-        )
         m = lay.queries.shape[1] - lay.proxies.shape[1]
-        lay.proxies = out[:, m:]
-        update = self.modules.updates[layer_idx - self.method.start_layer]
-        context = self._context(lay, update.context_proj(lay.proxies))
-        vision = update(gather_rows(hidden, lay.vis_slots), context)
-        new = hidden.index_put(lay.query_at, out[:, :m][lay.query_valid])
-        new = new.index_put(lay.vis_at, vision[lay.vis_valid])
+
+        def compute(hidden, proxies, cache):
+            tokens = torch.cat([hidden, proxies.to(hidden.dtype)], 1)
+            eager = self.adapter.attn_implementation == "eager"
+            out = split_layer(
+                parts,
+                tokens,
+                lay.queries,
+                cos,
+                sin,
+                lay.allowed,
+                eager=eager,
+                cache=cache,
+                cache_tokens=n,
+                layer_idx=layer_idx,
+            )
+            proxies = out[:, m:]
+            vision = update(
+                gather_rows(hidden, lay.vis_slots), self._context(lay, update.context_proj(proxies))
+            )
+            new = hidden.index_put(lay.query_at, out[:, :m][lay.query_valid])
+            return new.index_put(lay.vis_at, vision[lay.vis_valid]), proxies
+
+        if compat.checkpointing_active(layer) and ctx.cache is None:
+            # activation checkpointing (the layer's own is bypassed: the layer is computed by hand)
+            new, lay.proxies = checkpoint(compute, hidden, lay.proxies, None, use_reentrant=False)
+        else:
+            new, lay.proxies = compute(hidden, lay.proxies, ctx.cache)
         first = layer_idx == self.method.start_layer
         d = hidden.shape[-1]
         flops = [
@@ -221,8 +244,8 @@ class _Runner:
             spreads.append(spread)
         lay.spreads = spreads
         out = torch.zeros(b, lay.proxy_slot.shape[1], d, dtype=vision.dtype, device=vision.device)
-        rows = torch.cat([torch.full((len(p),), r, dtype=torch.long) for r, _, p in parts]).to(out.device)
-        cols = torch.cat([torch.arange(f, f + len(p)) for _, f, p in parts]).to(out.device)
+        rows = torch.cat([torch.full((len(p),), r, dtype=torch.long, device=out.device) for r, _, p in parts])
+        cols = torch.cat([torch.arange(f, f + len(p), device=out.device) for _, f, p in parts])
         return out.index_put((rows, cols), torch.cat([p for _, _, p in parts]))
 
     def _context(self, lay, projected):
@@ -232,8 +255,8 @@ class _Runner:
         n = self.method.learned_count
         for (row, members, first), spread in zip(lay.groups, lay.spreads, strict=True):
             values.append(spread.to(projected.dtype) @ projected[row, first : first + n])
-            rows.append(torch.full((len(members),), row, dtype=torch.long))
+            rows.append(torch.full((len(members),), row, dtype=torch.long, device=projected.device))
             cols.append(members)
         out = projected.new_zeros(*lay.vis_slots.shape, projected.shape[-1])
-        index = (torch.cat(rows).to(out.device), torch.cat(cols).to(out.device))
+        index = (torch.cat(rows), torch.cat(cols))
         return out.index_put(index, torch.cat(values))

@@ -51,25 +51,31 @@ class _Sample:
 
     def add_image(self, method, r: int, slots: list[int], cells: list, start_order: int) -> None:
         first = len(self.proxy_slot)
-        cells_of: dict[tuple, int] = {}
-        members: dict[int, list[int]] = {}
-        for slot, (tile, y, x) in zip(slots, cells, strict=True):
-            if tile < 0:
-                continue  # on no grid (a row newline): a query, as text
-            if method.proxy == "spatial":
-                key = (tile, y // r, x // r)
-                self.cell.append(cells_of.setdefault(key, first + len(cells_of)))
+        on_grid = [
+            (slot, cell) for slot, cell in zip(slots, cells, strict=True) if cell[0] >= 0
+        ]  # newlines: queries
+        count = 0
+        if (
+            method.proxy == "spatial"
+        ):  # one proxy per r x r cell that holds a token, tile by tile, raster order
+            keys = [(tile, y // r, x // r) for _, (tile, y, x) in on_grid]
+            number = {key: first + k for k, key in enumerate(sorted(set(keys)))}
+            count = len(number)
+            for (slot, (_, y, x)), key in zip(on_grid, keys, strict=True):
+                self.vis.append(slot)
+                self.cell.append(number[key])
                 self.weight.append(float(_central(y, r) and _central(x, r)))
-            else:
+        else:  # learned: every tile gets the same number of proxies
+            members: dict[int, list[int]] = {}
+            for slot, (tile, _, _) in on_grid:
                 members.setdefault(tile, []).append(len(self.vis))
+                self.vis.append(slot)
                 self.cell.append(0)
                 self.weight.append(0.0)
-            self.vis.append(slot)
-        count = len(cells_of)
-        for tile in sorted(members):
-            self.groups.append((members[tile], first + count))
-            self.tiles.append(len(members[tile]))
-            count += method.learned_count
+            for tile in sorted(members):
+                self.groups.append((members[tile], first + count))
+                self.tiles.append(len(members[tile]))
+                count += method.learned_count
         self.proxy_slot += [slots[min(j, len(slots) - 1)] for j in range(count)]
         self.proxy_order += [start_order] * count
 
@@ -107,7 +113,7 @@ def _assemble(method, s, samples: list[_Sample]) -> _Layout:
     proxy_order = _pad([x.proxy_order for x in samples], 0, torch.long, dev)
     query_slots = _pad(queries, 0, torch.long, dev)
     lay.query_valid = _pad([[True] * len(q) for q in queries], False, torch.bool, dev)
-    lay.groups = [(row, torch.tensor(m), f) for row, x in enumerate(samples) for m, f in x.groups]
+    lay.groups = [(row, torch.tensor(m, device=dev), f) for row, x in enumerate(samples) for m, f in x.groups]
     lay.vis_count = [len(x.vis) for x in samples]
     lay.proxy_count = [len(x.proxy_slot) for x in samples]
     lay.tile_sizes = [x.tiles for x in samples]

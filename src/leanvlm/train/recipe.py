@@ -89,6 +89,19 @@ def load_weights(model, checkpoint: str):
     return loaded
 
 
+def saved_modules(folder: str, methods) -> bool:
+    """Whether ``folder`` (a checkpoint folder) holds modules of every method in ``methods``."""
+    import json
+
+    from ..modules.io import CONFIG
+
+    path = Path(folder) / CONFIG
+    if not path.is_file():
+        return False
+    saved = json.loads(path.read_text()).get("modules", [])
+    return all(m.module_key() in saved for m in methods)
+
+
 def modules_optimizer(model, own: list, args):
     """AdamW with the methods' modules at ``--modules-lr`` and every other trained parameter at ``--lr``
     (the reference recipes' separate rate for new modules); the Trainer schedules both alike."""
@@ -184,6 +197,8 @@ def run(args) -> dict:
     trainable = callback.trainable_methods()
     if resume and trainable:
         load_modules(model, resume, *trainable)  # the base weights' loader does not know them
+    elif trainable and args.model and saved_modules(args.model, trainable):
+        load_modules(model, args.model, *trainable)  # a run's output folder: a later stage goes on from it
     prepare(model, *trainable)  # before the optimizer (the callback would attach them at the Trainer's init)
     own = select_parts(model, getattr(args, "train_parts", "all"), trainable)
     optimizers = (None, None)
