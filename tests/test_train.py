@@ -2,6 +2,7 @@
 
 import functools
 import json
+import logging
 
 import pytest
 import torch
@@ -387,3 +388,71 @@ def test_samples_without_an_answer_span_are_not_reduced_in_training():
         assert torch.isfinite(loss)
         model(**inputs, labels=labels)  # an answer span after the image: ranked and dropped
         assert applied.trace.visual_per_layer[0][-1] < 16
+
+
+class _Records(logging.Handler):
+    """Collects the messages a logger emits (after its filters)."""
+
+    def __init__(self):
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_a_run_shorter_than_logging_steps_reports_its_last_loss(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = train_argv(data_dir, out, "none")
+    argv[argv.index("--max-steps") + 1] = "3"
+    argv[argv.index("--logging-steps") + 1] = "10"
+    assert main(argv) == 0
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["steps"] == 3 and summary["loss_steps"] == [3] and len(summary["losses"]) == 1
+    printed = capsys.readouterr().out
+    assert "nan" not in printed and f"loss {summary['losses'][0]:.4f} at step 3" in printed
+
+
+def test_resume_uses_this_runs_logging_steps_and_does_not_list_every_weight(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = train_argv(data_dir, out, "none")
+    argv[argv.index("--max-steps") + 1] = "2"
+    argv[argv.index("--logging-steps") + 1] = "10"
+    argv[argv.index("--save-steps") + 1] = "2"
+    assert main(argv) == 0
+    argv[argv.index("--max-steps") + 1] = "5"
+    argv[argv.index("--logging-steps") + 1] = "1"
+    records = _Records()
+    trainer_logger = logging.getLogger("transformers.trainer")
+    trainer_logger.addHandler(records)
+    try:
+        assert main(argv + ["--resume"]) == 0
+    finally:
+        trainer_logger.removeHandler(records)
+    assert not [m for m in records.messages if "keys in the checkpoint" in m]
+    assert not trainer_logger.filters  # the filter is gone after the run
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["logging_steps"] == 1 and summary["loss_steps"] == [2, 3, 4, 5]
+    assert "loss" in capsys.readouterr().out
+
+
+def test_load_weights_restores_every_weight_and_refuses_a_foreign_checkpoint(tmp_path):
+    from leanvlm.train.recipe import load_weights
+
+    model, _ = build_preset("tiny", seed=1)
+    model.save_pretrained(tmp_path / "same")
+    fresh, _ = build_preset("tiny", seed=2)
+    loaded = load_weights(fresh, str(tmp_path / "same"))
+    assert loaded.training
+    state = model.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())
+    keep = {k: v for k, v in state.items() if "multi_modal_projector" not in k}
+    from safetensors.torch import save_file
+
+    (tmp_path / "partial").mkdir()
+    model.config.save_pretrained(tmp_path / "partial")
+    save_file({k: v.contiguous() for k, v in keep.items()}, tmp_path / "partial" / "model.safetensors")
+    with pytest.raises(lv.ConfigError, match="lacks .* of the model's weights"):
+        load_weights(fresh, str(tmp_path / "partial"))
+    with pytest.raises(lv.ConfigError, match="is not a checkpoint folder"):
+        load_weights(fresh, str(tmp_path / "nowhere"))

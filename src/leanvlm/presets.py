@@ -9,6 +9,8 @@ import warnings
 
 import torch
 
+from .loading import chat_inputs, chat_prompt, load_pretrained  # noqa: F401  (re-exported)
+
 SPECIAL_TOKENS = [
     "<unk>",
     "<s>",
@@ -466,17 +468,6 @@ def set_attention(model, impl: str) -> None:
     compat.set_attn_implementation(model, impl)
 
 
-def load_pretrained(path_or_id: str, *, dtype=None, device: str = "cpu", attn_implementation: str = "sdpa"):
-    """Load a real checkpoint (local folder or hub id) with its processor."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    model = AutoModelForImageTextToText.from_pretrained(
-        path_or_id, dtype=dtype or "auto", device_map=device, attn_implementation=attn_implementation
-    )
-    model.eval()
-    return model, AutoProcessor.from_pretrained(path_or_id)
-
-
 def demo_image(size: int = 56, seed: int = 0):
     """A synthetic RGB image (smooth gradients plus a few blocks), so demos need no files."""
     import numpy as np
@@ -494,24 +485,3 @@ def demo_image(size: int = 56, seed: int = 0):
 def demo_llava(attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32, device="cpu", **shape):
     """The demo model: LLaVA-1.5's 576 visual tokens (336 px, patch 14) on a small 8-layer LLM."""
     return build_preset("demo", attn_implementation=attn_implementation, dtype=dtype, device=device, **shape)
-
-
-def chat_prompt(processor, prompt: str, n_images: int) -> str:
-    """One user turn: ``n_images`` image placeholders, then ``prompt``, through the chat template."""
-    if getattr(processor, "chat_template", None):
-        content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]
-        return processor.apply_chat_template(
-            [{"role": "user", "content": content}], add_generation_prompt=True
-        )
-    return (processor.image_token + "\n") * n_images + prompt
-
-
-def chat_inputs(processor, prompt: str | list[str], images: list, device="cpu"):
-    """Processor outputs for one user turn with ``images`` followed by ``prompt``; or, with a list of
-    prompts and a list of image lists, a left-padded batch of such turns."""
-    if isinstance(prompt, str):
-        prompt, images = [prompt], [images]
-    texts = [chat_prompt(processor, p, len(imgs)) for p, imgs in zip(prompt, images, strict=True)]
-    flat = [img for imgs in images for img in imgs]
-    batch = {"text": texts, "padding": True} if len(texts) > 1 else {"text": texts[0]}
-    return processor(images=flat or None, return_tensors="pt", **batch).to(device)

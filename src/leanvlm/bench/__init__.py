@@ -12,7 +12,7 @@ import transformers
 
 from ..errors import ConfigError
 from ..hardware import describe_hardware
-from ..methods.spec import get_method, parse_method
+from ..methods.spec import get_method, resolve_method
 from ..registry import METHODS
 from .runner import BenchConfig, Settings, measure
 
@@ -75,7 +75,7 @@ def build_configs(
                 continue
             configs.append(BenchConfig(label, (method,), budget))
     for spec in specs:
-        method = parse_method(spec)
+        method = resolve_method(spec, num_layers)
         if method is None:
             raise ConfigError(f"--method {spec!r}: 'none' is measured anyway (the first two rows)")
         method.check_model(num_layers)

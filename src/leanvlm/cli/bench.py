@@ -7,7 +7,15 @@ import sys
 import torch
 
 from ..errors import ConfigError
-from .common import add_device_args, add_model_args, check_device, load_images, load_model, resolve_dtype
+from .common import (
+    add_device_args,
+    add_model_args,
+    check_device,
+    default_images,
+    load_images,
+    load_model,
+    resolve_dtype,
+)
 
 HELP = "time and count every method against no method on a model (default: a small built-in one)"
 
@@ -61,7 +69,7 @@ def run(args) -> int:
     from ..bench import build_configs, format_table, measure, parse_budgets, plot, result_document, write_json
     from ..bench.runner import Settings
     from ..flops import dtype_size
-    from ..presets import chat_inputs, demo_image
+    from ..loading import chat_inputs
     from ..registry import find_adapter
 
     budgets = parse_budgets(args.budgets)
@@ -80,9 +88,9 @@ def run(args) -> int:
     adapter = find_adapter(model)
     skipped: list = []
     configs = build_configs(names, budgets, adapter.num_layers, skipped, args.specs)
-    if not images:
-        size = getattr(model.config.vision_config, "image_size", 336)
-        images = [demo_image(size)]
+    for c in configs[2:]:  # the settings each row runs, resolved for this model's depth
+        print(f"leanvlm bench: {c.label} -> {c.methods[0].describe()}", file=sys.stderr)
+    images = default_images(images, model, "bench")
     inputs = chat_inputs(processor, args.prompt, images, args.device)
     settings = Settings(repeats=args.repeats, warmup=args.warmup, new_tokens=args.new_tokens)
     shape = type(adapter).model_shape(model.config)

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import ConfigError
-
-DTYPES = ("float32", "bfloat16", "float16")
+from ..loading import DTYPES  # noqa: F401  (the choices of --dtype)
 
 
 def add_model_args(p, *, default_preset: str | None) -> None:
@@ -25,43 +23,62 @@ def add_device_args(p) -> None:
 
 
 def resolve_dtype(args) -> torch.dtype:
-    name = args.dtype or ("float32" if torch.device(args.device).type == "cpu" else "bfloat16")
-    args.dtype = name
-    return getattr(torch, name)
+    """``--dtype``, or the device's default (float32 on the CPU, bfloat16 on a GPU); sets ``args.dtype``."""
+    from ..loading import resolve_dtype as resolve
+
+    dtype = resolve(args.dtype, args.device)
+    args.dtype = str(dtype).replace("torch.", "")
+    return dtype
 
 
 def check_device(device: str) -> None:
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device!r}: CUDA is not available on this machine")
+    from ..loading import check_device as check
+
+    check(device)
 
 
 def load_model(args, dtype):
-    """(model, processor, label) from --model or --preset."""
-    from .. import presets
+    """(model, processor, label) from --model or --preset (:func:`leanvlm.loading.load_model`)."""
+    from ..loading import load_model as load
 
-    check_device(args.device)
-    if args.model:
-        model, processor = presets.load_pretrained(
-            args.model, dtype=dtype, device=args.device, attn_implementation=args.attn
-        )
-        return model, processor, args.model
-    model, processor = presets.build_preset(
-        args.preset, attn_implementation=args.attn, dtype=dtype, device=args.device
-    )
-    return model, processor, f"preset {args.preset} (random weights)"
+    return load(args.model, args.preset, dtype=dtype, device=args.device, attn=args.attn)
 
 
 def load_images(paths: list[str]):
-    from PIL import Image
+    from ..loading import load_images as load
 
-    images = []
-    for path in paths:
-        try:
-            images.append(Image.open(path).convert("RGB"))
-        except OSError as err:
-            raise ConfigError(f"--image {path!r} cannot be read as an image: {err}") from err
-    return images
+    return load(paths)
+
+
+def default_images(images: list, model, command: str) -> list:
+    """``images``, or one synthetic picture when none was given (said on stderr: it is not a photo)."""
+    import sys
+
+    from ..presets import demo_image
+
+    if images:
+        return images
+    size = getattr(getattr(model.config, "vision_config", None), "image_size", 336)
+    size = size if isinstance(size, int) else 336
+    print(f"leanvlm {command}: no --image given: using a synthetic {size}x{size} picture", file=sys.stderr)
+    return [demo_image(size)]
+
+
+def resolve_methods(specs: list[str], num_layers: int, command: str, quiet: bool = False) -> list:
+    """[(label, method or None)] for a model of ``num_layers`` layers (:func:`resolve_method`), each
+    resolved setting printed to stderr."""
+    import sys
+
+    from ..methods.spec import resolve_method
+
+    out = []
+    for spec in specs:
+        method = resolve_method(spec, num_layers)
+        label = "none" if method is None else method.describe()
+        if not quiet and method is not None:
+            print(f"leanvlm {command}: {spec} -> {label}", file=sys.stderr)
+        out.append((label, method))
+    return out
 
 
 def parse_methods(specs: list[str]):

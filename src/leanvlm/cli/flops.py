@@ -7,7 +7,7 @@ import json
 import torch
 
 from ..errors import ConfigError
-from .common import DTYPES, parse_methods
+from .common import DTYPES, parse_methods, resolve_methods
 
 HELP = "print per-layer FLOPs (real and paper conventions) and KV bytes for a model and method"
 
@@ -32,11 +32,12 @@ def add_parser(sub) -> None:
 
 def meta_model(args):
     """The model on the meta device: the real classes and adapter, no memory for weights."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers import AutoModelForImageTextToText
 
+    from ..loading import load_config
     from ..presets import preset_config
 
-    config = AutoConfig.from_pretrained(args.model) if args.model else preset_config(args.preset)
+    config = load_config(args.model) if args.model else preset_config(args.preset)
     with torch.device("meta"):
         if args.model:
             return AutoModelForImageTextToText.from_config(config)
@@ -51,7 +52,7 @@ def run(args) -> int:
     from .. import flops
     from ..registry import find_adapter
 
-    methods = parse_methods(args.method or ["none"])
+    parse_methods(args.method or ["none"])  # validated before anything is built
     if args.text_tokens < 0:
         raise ConfigError(f"--text-tokens={args.text_tokens} must be >= 0")
     if args.images < 0:
@@ -59,6 +60,7 @@ def run(args) -> int:
     model = meta_model(args)
     adapter = find_adapter(model)
     shape = type(adapter).model_shape(model.config)
+    methods = resolve_methods(args.method or ["none"], adapter.num_layers, "flops", quiet=args.json)
     for _, method in methods:
         if method is not None:
             method.check_model(adapter.num_layers)

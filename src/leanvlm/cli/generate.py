@@ -8,26 +8,34 @@ import time
 import torch
 
 from ..errors import ConfigError
+from ..registry import find_adapter
+from .common import (
+    add_device_args,
+    add_model_args,
+    default_images,
+    load_images,
+    load_model,
+    resolve_dtype,
+    resolve_methods,
+)
 
 HELP = "generate text for an image with a method applied (default: a built-in demo model)"
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("generate", help=HELP, description=HELP)
-    p.add_argument("--model", help="checkpoint folder or hub id (default: a demo LLaVA with random weights)")
+    add_model_args(p, default_preset="demo")
     p.add_argument("--image", action="append", default=[], help="image file; repeat for several images")
     p.add_argument("--prompt", default="Describe this image.", help="the question about the image(s)")
     p.add_argument(
         "--method",
-        default="fastv:layer=2,keep_ratio=0.25",
-        help="method spec NAME[:key=value,...], e.g. 'pyramiddrop:layers=[8,16,24]' or 'none' "
-        "(default: %(default)s)",
+        default="fastv",
+        help="method spec NAME[:key=value,...], e.g. 'pyramiddrop:layers=[8,16,24]' or 'none'; unset "
+        "arguments take the method's defaults for the model's depth (default: %(default)s)",
     )
     p.add_argument("--compare", action="store_true", help="also run without any method and show both")
     p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
+    add_device_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
@@ -41,21 +49,6 @@ def summarize_counts(counts: list[int]) -> str:
         out.append(f"{counts[i]} x{j - i}")
         i = j
     return ", ".join(out)
-
-
-def load(args):
-    from .. import presets
-
-    dtype = getattr(torch, args.dtype)
-    if args.model:
-        model, processor = presets.load_pretrained(
-            args.model, dtype=dtype, device=args.device, attn_implementation=args.attn
-        )
-        label = args.model
-    else:
-        model, processor = presets.demo_llava(attn_implementation=args.attn, dtype=dtype, device=args.device)
-        label = "demo LLaVA (random weights)"
-    return model, processor, label
 
 
 def run_one(model, processor, inputs, method, max_new_tokens: int) -> dict:
@@ -85,23 +78,16 @@ def run_one(model, processor, inputs, method, max_new_tokens: int) -> dict:
 
 
 def run(args) -> int:
-    from PIL import Image
-
+    from ..loading import chat_inputs
     from ..methods.spec import parse_method
-    from ..presets import chat_inputs, demo_image
 
-    method = parse_method(args.method)  # validate before loading anything
+    parse_method(args.method)  # validate before loading anything
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
-    images = []
-    for path in args.image:
-        try:
-            images.append(Image.open(path).convert("RGB"))
-        except OSError as err:
-            raise ConfigError(f"--image {path!r} cannot be read as an image: {err}") from err
-    model, processor, label = load(args)
-    if not images:
-        images = [demo_image(336)]
+    images = load_images(args.image)
+    model, processor, label = load_model(args, resolve_dtype(args))
+    ((_, method),) = resolve_methods([args.method], find_adapter(model).num_layers, "generate")
+    images = default_images(images, model, "generate")
     inputs = chat_inputs(processor, args.prompt, images, args.device)
     runs = [None, method] if args.compare and method is not None else [method]
     results = [run_one(model, processor, inputs, m, args.max_new_tokens) for m in runs]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 import warnings
 
 from ..errors import LeanVLMError
@@ -29,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in COMMANDS.values():
         module.add_parser(sub)
+    for command in sub.choices.values():
+        command.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     return parser
 
 
@@ -54,9 +57,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return COMMANDS[args.command].run(args) or 0
-    except LeanVLMError as err:
+    except LeanVLMError as err:  # a bad input: one line naming it and what to do
+        if args.debug:
+            traceback.print_exc()
         print(f"leanvlm {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"leanvlm {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001  (anything else: one line, the traceback with --debug)
+        if args.debug:
+            traceback.print_exc()
+        text = str(err).strip()
+        first = text.splitlines()[0] if text else ""
+        hint = "" if args.debug else " (run again with --debug for the traceback)"
+        print(f"leanvlm {args.command}: error: {type(err).__name__}: {first}{hint}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

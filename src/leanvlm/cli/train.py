@@ -45,7 +45,12 @@ def add_parser(sub) -> None:
         "--modules-lr", type=float, help="learning rate of the method's own modules (default: --lr)"
     )
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--logging-steps", type=int, default=10)
+    p.add_argument(
+        "--logging-steps",
+        type=int,
+        default=10,
+        help="log the loss every N optimizer steps, and at the last step (default: 10)",
+    )
     p.add_argument("--save-steps", type=int, default=500)
     p.add_argument("--save-total-limit", type=int, default=2)
     p.add_argument(
@@ -53,7 +58,8 @@ def add_parser(sub) -> None:
         nargs="?",
         const="auto",
         default=None,
-        help="resume from a checkpoint folder, or the latest one in --output-dir",
+        help="resume from a checkpoint folder, or the latest one in --output-dir (weights, optimizer, "
+        "step; --logging-steps and --save-steps are this command's)",
     )
     p.add_argument("--deepspeed", help="DeepSpeed config JSON (run under accelerate launch / deepspeed)")
     p.add_argument("--seed", type=int, default=0)
@@ -73,7 +79,7 @@ def run(args) -> int:
 
     if not args.model and not args.preset:
         raise ConfigError("give --model PATH_OR_ID (or --preset NAME for a random-weight model)")
-    for key in ("batch_size", "grad_accum"):
+    for key in ("batch_size", "grad_accum", "logging_steps"):
         if getattr(args, key) < 1:
             raise ConfigError(f"--{key.replace('_', '-')}={getattr(args, key)} must be >= 1")
     for module in args.imports or ():  # a user's module that registers methods of its own
@@ -89,12 +95,20 @@ def run(args) -> int:
         return 0  # data-parallel training: the main process writes the summary
     path = Path(args.output_dir) / "train_summary.json"
     path.write_text(json.dumps(summary, indent=2) + "\n")
-    last = summary["losses"][-1] if summary["losses"] else float("nan")
-    print(
-        f"trained {summary['steps']} steps, last logged loss {last:.4f}; model and processor in "
-        f"{args.output_dir}; summary in {path}"
-    )
+    print(f"{trained_message(summary)}; model and processor in {args.output_dir}; summary in {path}")
     return 0
+
+
+def trained_message(summary: dict) -> str:
+    """``trained 8 steps, loss 2.1034 at step 8 (mean 2.4410 over this run)``: the last logged loss, with its
+    step (a resumed run counts its steps from the start of training, the mean only over its own)."""
+    steps, losses = summary["steps"], summary["losses"]
+    if not losses:  # no step ran (or no log survived): the Trainer's mean, when it has one
+        mean = summary.get("train_loss")
+        return f"trained {steps} steps" + (f", mean loss {mean:.4f}" if mean is not None else "")
+    at = (summary.get("loss_steps") or [None])[-1]
+    where = f" at step {at}" if at is not None else ""
+    return f"trained {steps} steps, loss {losses[-1]:.4f}{where} (mean {summary['train_loss']:.4f} over this run)"
 
 
 def _end_distributed() -> None:

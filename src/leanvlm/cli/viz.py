@@ -5,7 +5,15 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
-from .common import add_device_args, add_model_args, load_images, load_model, resolve_dtype
+from .common import (
+    add_device_args,
+    add_model_args,
+    default_images,
+    load_images,
+    load_model,
+    resolve_dtype,
+    resolve_methods,
+)
 
 HELP = "write a PNG per reduction stage showing which image patches a method keeps"
 
@@ -30,19 +38,19 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import leanvlm as lv
 
+    from ..loading import chat_inputs
     from ..methods.spec import parse_method
-    from ..presets import chat_inputs, demo_image
+    from ..registry import find_adapter
     from ..viz import write_stage_pngs
 
-    method = parse_method(args.method)
-    if method is None:
+    if parse_method(args.method) is None:  # validated before anything is loaded
         raise ConfigError("--method none drops nothing; name a method, e.g. --method fastv")
     if args.size < 16:
         raise ConfigError(f"--size={args.size} must be >= 16")
     images = load_images(args.image)
     model, processor, label = load_model(args, resolve_dtype(args))
-    if not images:
-        images = [demo_image(getattr(model.config.vision_config, "image_size", 336))]
+    ((_, method),) = resolve_methods([args.method], find_adapter(model).num_layers, "viz")
+    images = default_images(images, model, "viz")
     inputs = chat_inputs(processor, args.prompt, images, args.device)
     with lv.apply(model, method) as applied, torch.inference_mode():
         model(**inputs, logits_to_keep=1)

@@ -30,12 +30,12 @@ from .. import compat
 from ..errors import LeanVLMError, UnsupportedModelError
 from .cache import check_cache, get_kv_record, set_kv_record
 from .context import TOWER_TOKENS, Context, VisionContext
-from .edits import apply_edit
+from .edits import Merge, apply_edit
 from .layers import extend_mask, layer_position_ids, next_positions, prefill_mask
 from .local import PerThread, prompt_length_of, remove_hook
 from .plan import Replace, Step, Vision, VisionRun, check_plan, check_runners
 from .state import KVMap, KVRecord, TokenState, expand_positions
-from .trace import DecodeRecord, StageRecord, Trace
+from .trace import DecodeRecord, StageRecord, Trace, merged_carrier
 from .training import answer_queries, next_token_targets
 
 VISION_KEYS = ("image_sizes", "image_grid_thw", "video_grid_thw")
@@ -75,6 +75,7 @@ class _Call:
     shared: dict = field(default_factory=dict)  # what the call's steps hand each other (ctx.shared)
     next_pos: torch.Tensor | None = None  # [B] position after the input's last token
     pos_rows: int = 0
+    carrier: torch.Tensor | None = None  # [B, N] which token carries each input token (StageRecord)
     # extend mode
     record: KVRecord | None = None
     kvmaps: list[KVMap] = field(default_factory=list)
@@ -582,7 +583,12 @@ class Engine:
                 if item is None:
                     continue
                 rotary = self.adapter.rotary if layer_idx > 0 else None
+                before = call.state
                 hidden, call.state, changed = apply_edit(item, hidden, call.state, rotary)
+                if changed and isinstance(item, Merge):  # the trace tells which tokens each pooled one holds
+                    real = before.valid & ~before.inserted
+                    n = call.valid.shape[1]
+                    call.carrier = merged_carrier(call.carrier, before.orig, real, item.leader, n)
                 call.edited |= changed
                 call.reduced |= changed and layer_idx > 0
         for k in watching:  # steps acting at a later layer observe what this layer really computes on
@@ -596,7 +602,7 @@ class Engine:
         if layer_idx in self.layout:
             s = call.state
             call.stage_states.append(s)
-            call.records.append(StageRecord(layer_idx, s.orig, s.valid, s.visual))
+            call.records.append(StageRecord(layer_idx, s.orig, s.valid, s.visual, carrier=call.carrier))
         return hidden
 
     def _check_checkpointing(self) -> None:

@@ -16,6 +16,38 @@ class StageRecord:
     orig: torch.Tensor  # [B, n] original index of each slot
     valid: torch.Tensor  # [B, n] real token (not padding)
     visual: torch.Tensor  # [B, n] visual token (and valid)
+    #: [B, N] for each input token, the original index of the token whose slot carries it from this stage
+    #: on: itself, or the leader of the group a :class:`~leanvlm.engine.edits.Merge` pooled it into
+    #: (through every merge so far); None when nothing was merged. Whether that slot is still there is
+    #: told by ``orig``.
+    carrier: torch.Tensor | None = None
+
+    def pooled_groups(self, sample: int = 0) -> dict[int, list[int]]:
+        """The pooled tokens of ``sample`` present from this stage on: {original index of the slot (the
+        group's leader): original indices of every input token averaged into it, leader included}."""
+        if self.carrier is None:
+            return {}
+        carrier = self.carrier[sample]
+        present = set(self.orig[sample][self.valid[sample]].tolist())
+        groups: dict[int, list[int]] = {}
+        for token, lead in enumerate(carrier.tolist()):
+            if lead in present:
+                groups.setdefault(lead, []).append(token)
+        return {lead: members for lead, members in groups.items() if len(members) > 1}
+
+
+def merged_carrier(
+    carrier: torch.Tensor | None, orig: torch.Tensor, real: torch.Tensor, leader: torch.Tensor, n: int
+) -> torch.Tensor:
+    """:attr:`StageRecord.carrier` [B, n] after a merge: ``leader`` [B, m] the Merge's leader slot of each
+    slot, ``orig`` [B, m] the slots' original indices and ``real`` [B, m] the slots that are input tokens
+    (not padding, fillers or inserted tokens) before it; ``carrier`` the map before it (None: identity)."""
+    b = orig.shape[0]
+    step = torch.arange(n + 1, device=orig.device).expand(b, n + 1).clone()
+    # each real slot's token now rides on its leader's; the rest write to a spare column
+    step.scatter_(1, torch.where(real, orig, n), torch.where(real, orig.gather(1, leader), n))
+    step = step[:, :n]
+    return step if carrier is None else step.gather(1, carrier.to(step.device))
 
 
 @dataclass

@@ -29,8 +29,9 @@ from tqdm import tqdm
 from .. import flops as flops_mod
 from ..api import apply
 from ..errors import ConfigError, LeanVLMError
-from ..methods.spec import build_method, parse_value
-from ..presets import chat_inputs, load_pretrained
+from ..loading import chat_inputs, load_pretrained
+from ..methods.spec import build_method, parse_value, resolve_build
+from ..registry import find_adapter
 
 
 class PrefillTimer:
@@ -101,6 +102,8 @@ class LeanVLMEval(lmms):
         self.model, self.processor = load_pretrained(
             pretrained, dtype=getattr(torch, dtype), device=str(self._device), attn_implementation=attn
         )
+        # the method's defaults for this model's depth, the arguments given on top (as every command)
+        self.method = resolve_build(str(method), method_args, find_adapter(self.model).num_layers)
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.tokenizer.padding_side = "left"
         self.handle = apply(self.model, *([self.method] if self.method else []))

@@ -57,7 +57,10 @@ class Method:
 
     @classmethod
     def bench_default(cls, num_layers: int) -> Method:
-        """The setting the bench runs for budget "default" (the reference's headline setting)."""
+        """The method's default setting on a model of ``num_layers`` decoder layers: ``cls()`` where it
+        fits, its layers scaled to the depth where not. The one place that says how a method's defaults
+        scale; every command resolves a method name through it (:func:`leanvlm.methods.spec.resolve_method`),
+        and it is the bench's budget "default"."""
         return cls()
 
     @classmethod

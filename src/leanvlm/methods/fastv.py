@@ -64,7 +64,7 @@ class FastV(Method):
 
     @classmethod
     def bench_default(cls, num_layers: int) -> FastV:
-        return cls(layer=min(2, num_layers - 1), keep_ratio=0.25)
+        return cls(layer=min(2, num_layers - 1))
 
     @classmethod
     def at_budget(cls, budget: float, num_layers: int) -> FastV:

@@ -11,7 +11,7 @@ import ast
 from ..errors import ConfigError, show
 from ..registry import METHODS, get_method
 
-__all__ = ["build_method", "get_method", "method_names", "parse_method", "split_top_level"]
+__all__ = ["build_method", "get_method", "method_names", "parse_method", "resolve_build", "resolve_method", "split_top_level"]
 
 
 def split_top_level(text: str, sep: str = ",") -> list[str]:
@@ -80,3 +80,36 @@ def parse_method(spec: str):
 
 def method_names() -> list[str]:
     return ["none", *sorted(METHODS)]
+
+
+def resolve_method(spec: str, num_layers: int):
+    """The method ``spec`` names, set for a model of ``num_layers`` decoder layers: the method's own
+    default setting for that depth (:meth:`leanvlm.methods.base.Method.bench_default`, the one place
+    that says how defaults scale, e.g. PyramidDrop's 8 / 16 / 24 on 32 layers becomes 2 / 4 / 6 on 8),
+    with the spec's arguments on top. When the spec gives any argument the depth changed, the depth's
+    defaults are left out and the spec is taken as written. ``"none"`` gives None.
+
+    Every command resolves the method it runs this way (and prints the result), so that a name means
+    the same setting in ``generate``, ``bench``, ``viz``, ``flops``, ``eval`` and ``train``."""
+    if not isinstance(spec, str):
+        raise ConfigError(f"method spec {show(spec)} must be a string such as 'fastv:layer=2,keep_ratio=0.5'")
+    name, _, args = spec.partition(":")
+    return resolve_build(name.strip(), parse_kwargs(args), num_layers)
+
+
+def resolve_build(name: str, kwargs: dict, num_layers: int):
+    """:func:`resolve_method` from a name and its arguments (``"none"`` gives None)."""
+    import dataclasses
+
+    if name.lower() in ("none", ""):
+        return build_method(name, kwargs)
+    cls = get_method(name)
+    plain, scaled = cls(), cls.bench_default(num_layers)
+    changed = {
+        f.name: getattr(scaled, f.name)
+        for f in dataclasses.fields(cls)
+        if f.init and getattr(scaled, f.name) != getattr(plain, f.name)
+    }
+    if changed.keys() & kwargs.keys():
+        changed = {}
+    return build_method(name, {**changed, **kwargs})

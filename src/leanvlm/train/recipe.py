@@ -3,17 +3,19 @@ in-LLM method or staged schedule, on one device or under ``accelerate launch`` /
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import functools
 import hashlib
+import logging
 from pathlib import Path
 
 import torch
 
 from .. import compat
 from ..errors import ConfigError
-from ..methods.spec import parse_method, split_top_level
+from ..methods.spec import parse_method, resolve_method, split_top_level
 from ..modules import ATTR, load_modules, prepare, save_modules
+from ..registry import find_adapter
 from .schedule import StagedSchedule
 
 
@@ -81,12 +83,70 @@ def select_parts(model, parts: str, methods) -> list:
 
 
 def load_weights(model, checkpoint: str):
-    """``model`` with the weights of ``checkpoint`` (a folder written by ``save_pretrained``)."""
+    """``model`` with the weights of ``checkpoint`` (a folder written by ``save_pretrained``); every
+    weight of the model must be in it."""
     if not Path(checkpoint).is_dir():
         raise ConfigError(f"--resume {checkpoint!r} is not a checkpoint folder")
-    loaded = type(model).from_pretrained(checkpoint, dtype=next(model.parameters()).dtype)
+    loaded, info = type(model).from_pretrained(
+        checkpoint, dtype=next(model.parameters()).dtype, output_loading_info=True
+    )
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise ConfigError(
+            f"--resume {checkpoint!r}: the checkpoint lacks {len(missing)} of the model's weights ({shown}); "
+            "is it a checkpoint of this model?"
+        )
     loaded.train()
     return loaded
+
+
+class _TrainerReload(logging.Filter):
+    """Drops the Trainer's list of the keys its own reload of a checkpoint's weights missed. Resuming,
+    :func:`load_weights` has already restored every weight through ``from_pretrained``, which maps the
+    checkpoint's key names onto the model's; the Trainer's ``load_state_dict(strict=False)`` does not,
+    so it names every weight of a VLM checkpoint as missing (tens of kilobytes) and loads none of them."""
+
+    PREFIXES = (
+        "There were missing keys in the checkpoint model loaded",
+        "There were unexpected keys in the checkpoint model loaded",
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.PREFIXES)
+
+
+@contextlib.contextmanager
+def resumed_weights_reload(resume):
+    """While the Trainer resumes from ``resume`` (weights already loaded by :func:`load_weights`): no
+    report of the keys its second load misses. Does nothing when not resuming."""
+    if not resume:
+        yield
+        return
+    trainer_logger = logging.getLogger("transformers.trainer")
+    quiet = _TrainerReload()
+    trainer_logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        trainer_logger.removeFilter(quiet)
+
+
+def logging_callback():
+    """A Trainer callback for the recipe's logging: the intervals of this run's arguments also when resuming
+    (the Trainer takes ``logging_steps`` / ``save_steps`` from the checkpoint's ``trainer_state.json``), and
+    the loss logged at the last step, so that a run shorter than ``--logging-steps`` logs one too."""
+    from transformers import TrainerCallback
+
+    class LoggingIntervals(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            state.compute_steps(args, state.max_steps)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps:
+                control.should_log = True
+
+    return LoggingIntervals()
 
 
 def saved_modules(folder: str, methods) -> bool:
@@ -145,7 +205,7 @@ def gather(value) -> list:
 def run(args) -> dict:
     from transformers import Trainer, TrainingArguments
 
-    from ..cli.common import check_device, load_model, resolve_dtype
+    from ..loading import check_device, load_model, resolve_dtype
     from .callback import ReductionCallback
     from .data import LlavaJsonDataset, collate
 
@@ -153,10 +213,13 @@ def run(args) -> dict:
     if args.method and args.schedule:
         raise ConfigError("give --method or --schedule, not both")
     reduction = parse_schedule(args.schedule) if args.schedule else parse_method(args.method or "none")
-    dtype = resolve_dtype(args)
+    dtype = resolve_dtype(args.dtype, args.device)
+    args.dtype = str(dtype).replace("torch.", "")
     on_gpu = torch.device(args.device).type == "cuda"
     # load on the CPU: the Trainer (or accelerate / DeepSpeed) places the model on each process's device
-    model, processor, label = load_model(argparse.Namespace(**{**vars(args), "device": "cpu"}), dtype)
+    model, processor, label = load_model(args.model, args.preset, dtype=dtype, device="cpu", attn=args.attn)
+    if args.method and not args.schedule:  # the method's defaults for this model's depth
+        reduction = resolve_method(args.method, find_adapter(model).num_layers)
     model.train()
     freeze(model, args.freeze)
     dataset = LlavaJsonDataset(args.data, processor, args.image_folder, max_length=args.max_length)
@@ -212,8 +275,10 @@ def run(args) -> dict:
         callbacks=[callback],
         optimizers=optimizers,
     )
+    trainer.add_callback(logging_callback())
     try:
-        result = trainer.train(resume_from_checkpoint=resume or None)
+        with resumed_weights_reload(resume):
+            result = trainer.train(resume_from_checkpoint=resume or None)
     finally:
         callback._deactivate()  # also when training fails: leave the model without hooks
     # the base checkpoint stays a plain transformers one; trainable parts are written beside it
@@ -227,7 +292,7 @@ def run(args) -> dict:
         save_modules(model, args.output_dir)
     if hasattr(processor, "save_pretrained"):
         processor.save_pretrained(args.output_dir)
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    logged = [h for h in trainer.state.log_history if "loss" in h]
     return {
         "world_size": training_args.world_size,
         # one digest of the trained weights per process: equal when data parallelism kept them in sync
@@ -236,7 +301,9 @@ def run(args) -> dict:
         "model": label,
         "steps": trainer.state.global_step,
         "train_loss": result.training_loss,
-        "losses": losses,
+        "losses": [h["loss"] for h in logged],
+        "loss_steps": [h.get("step") for h in logged],  # the step each of "losses" was logged at
+        "logging_steps": trainer.state.logging_steps,
         "stage_switches": callback.switches,
         "output_dir": args.output_dir,
     }
