@@ -1,6 +1,9 @@
 """Prefill time of a small LLaVA-shaped model with and without token reduction; writes JSON.
 
-Usage: python benchmarks/prefill.py [--repeats 7] [--out benchmarks/results/prefill_cpu.json]
+Usage: python benchmarks/prefill.py [--repeats 7] [--out PATH]
+
+Writes ``leanvlm-prefill.json`` in the current folder unless ``--out`` says otherwise; the committed
+figures are ``--out benchmarks/results/prefill_cpu.json``.
 
 The model: LLaVA-1.5's 576 visual tokens (336 px, patch 14) on an 8-layer, hidden-512 LLaMA with
 random weights, sized so attention and FFN dominate. Every configuration is timed in the same run,
@@ -58,7 +61,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--attn", default="sdpa")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default="benchmarks/results/prefill_cpu.json")
+    parser.add_argument(
+        "--out",
+        default="leanvlm-prefill.json",
+        help="where to write the JSON (default: %(default)s; the committed figures: benchmarks/results/prefill_cpu.json)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, inputs = build(args.attn)

@@ -1,6 +1,9 @@
 """Training-step time (forward + backward) with token reduction; writes JSON.
 
-Usage: python benchmarks/train_step.py [--repeats 5] [--out benchmarks/results/train_step_cpu.json]
+Usage: python benchmarks/train_step.py [--repeats 5] [--out PATH]
+
+Writes ``leanvlm-train-step.json`` in the current folder unless ``--out`` says otherwise; the committed
+figures are ``--out benchmarks/results/train_step_cpu.json``.
 
 Model: the `bench-cpu` preset (32-layer, hidden-256 LLaVA with LLaVA-1.5's 576 visual tokens per
 image, random weights), vision tower frozen as in LLaVA's fine-tuning stage. Batch: two right-padded
@@ -73,7 +76,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default="benchmarks/results/train_step_cpu.json")
+    parser.add_argument(
+        "--out",
+        default="leanvlm-train-step.json",
+        help="where to write the JSON (default: %(default)s; the committed figures: benchmarks/results/train_step_cpu.json)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, proc = build_preset("bench-cpu")

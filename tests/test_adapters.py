@@ -130,13 +130,24 @@ def test_vision_flops_follow_the_real_image_sizes(adapter):
     assert total(seq_large) > total(seq_small)
 
 
-def test_viz_is_refused_where_not_supported():
-    model, proc = build("qwen2-vl")
-    with pytest.raises(lv.UnsupportedModelError, match="leanvlm viz supports LlavaForConditionalGeneration"):
-        find_adapter(model).model_view(make_inputs(proc, [PROMPTS[0]]), proc)
-    model, proc = build("llava-next")
-    with pytest.raises(lv.UnsupportedModelError, match="leanvlm viz supports LlavaForConditionalGeneration"):
-        find_adapter(model).image_grids(make_inputs(proc, [PROMPTS[0]]))
+@pytest.mark.parametrize("adapter", ["llava-next", "qwen2-vl"])
+def test_viz_draws_every_image_of_other_models(adapter):
+    """Every image gets its pictures (LLaVA-NeXT: the base view and the high-resolution tiles; Qwen: its
+    merged patch grid), each covering its visual tokens exactly once."""
+    model, proc = build(adapter)
+    inputs = make_inputs(proc, [PROMPTS[1]])
+    a = find_adapter(model)
+    pictures = a.image_grids(inputs)
+    views = a.model_view(inputs, proc)
+    assert len(pictures) == len(views) >= 1
+    n_visual = int(a.visual_mask(inputs["input_ids"], None).sum())
+    assert sum(len(cells) for _, cells in pictures) == n_visual  # every visual token, once
+    for panels, cells in pictures:
+        on_grid = cells[cells[:, 2] >= 0]
+        assert len({tuple(c) for c in on_grid.tolist()}) == len(on_grid)  # no cell drawn twice
+        for k, panel in enumerate(panels):
+            here = on_grid[on_grid[:, 0] == k]
+            assert bool((here[:, 1] < panel.rows).all()) and bool((here[:, 2] < panel.cols).all())
 
 
 @pytest.mark.parametrize("adapter", ["llava-next", "qwen2-vl"])

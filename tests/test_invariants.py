@@ -1,4 +1,5 @@
-"""The DESIGN.md invariants (1-6 and 8) for every in-LLM method on every adapter."""
+"""The DESIGN.md invariants for every method on every adapter: 1-6 and 8 here (7, self-speculative
+decoding, in test_engine_plans.py)."""
 
 from __future__ import annotations
 

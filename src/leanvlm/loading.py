@@ -161,8 +161,6 @@ def load_model(
     if model:
         loaded, processor = load_pretrained(model, dtype=dtype, device=device, attn_implementation=attn)
         return loaded, processor, model
-    if preset not in presets.PRESETS:
-        raise ConfigError(f"--preset {preset!r} is not one of {', '.join(presets.PRESETS)}")
     built, processor = presets.build_preset(preset, attn_implementation=attn, dtype=dtype, device=device)
     return built, processor, f"preset {preset} (random weights)"
 
@@ -186,7 +184,9 @@ def chat_prompt(processor, prompt: str, n_images: int) -> str:
     token on a line of its own per image."""
     if getattr(processor, "chat_template", None):
         content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]
-        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        return processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True
+        )
     return (processor.image_token + "\n") * n_images + prompt
 
 

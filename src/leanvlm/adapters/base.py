@@ -202,25 +202,23 @@ class Adapter:
         return torch.stack([torch.zeros_like(index), index // cols, index % cols], -1), [grid]
 
     # --- questions the visualisation asks -------------------------------------------------------------
-    def image_grids(self, inputs) -> list[tuple[int, int]]:
-        """(rows, cols) of visual tokens of each image of the batch, in order; their tokens are
-        consecutive in raster order inside the sample's visual tokens."""
+    def image_grids(self, inputs) -> list[tuple[list, torch.Tensor]]:
+        """Where ``leanvlm viz`` draws the visual tokens of each image of the batch (in order, as
+        :meth:`image_ids` numbers them): ``(panels, cells)``, with ``panels`` the pictures of the image
+        (:class:`leanvlm.viz.Panel`: a grid of rows x cols tokens over each picture of
+        :meth:`model_view`) and ``cells`` [n, 3] long the (panel, row, col) of each of its n visual
+        tokens in order (col -1: the token that ends that row, e.g. LLaVA-NeXT's row newline)."""
         raise UnsupportedModelError(
-            f"leanvlm viz supports LlavaForConditionalGeneration; not {type(self.model).__name__} yet"
+            "leanvlm viz supports LLaVA, LLaVA-NeXT, Qwen2-VL and Qwen2.5-VL models; not "
+            f"{type(self.model).__name__} yet"
         )
 
-    def model_view(self, inputs, processor) -> list:
-        """The images as the model saw them (after resizing / cropping), as PIL images."""
-        from PIL import Image
+    def model_view(self, inputs, processor) -> list[list]:
+        """The images as the model saw them (after resizing / cropping): per image, a PIL picture per
+        panel of :meth:`image_grids`. Here: one picture per image of ``pixel_values`` [images, 3, H, W]."""
+        from ..viz import picture_from_pixels
 
-        ip = processor.image_processor
-        mean = torch.tensor(ip.image_mean).view(3, 1, 1)
-        std = torch.tensor(ip.image_std).view(3, 1, 1)
-        out = []
-        for pixels in inputs["pixel_values"].float().cpu():
-            rgb = ((pixels * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-            out.append(Image.fromarray(rgb))
-        return out
+        return [[picture_from_pixels(pixels, processor)] for pixels in inputs["pixel_values"]]
 
     # --- questions the engine asks ----------------------------------------------------------------
     def visual_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:

@@ -53,8 +53,16 @@ class LlavaAdapter(Adapter):
     def image_token_counts(self, vision_inputs) -> int:
         return self.model_shape(self.model.config).visual_tokens_per_image
 
-    def image_grids(self, inputs) -> list[tuple[int, int]]:
-        return [self.fixed_grid] * inputs["pixel_values"].shape[0]
+    def image_grids(self, inputs) -> list[tuple[list, torch.Tensor]]:
+        """One panel per image: its fixed grid, filled row by row."""
+        from ..viz import raster_layout
+
+        if self.fixed_grid is None:
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__}: vision_feature_select_strategy='full' puts the CLS feature "
+                "among the visual tokens, which are then not a grid; leanvlm viz needs 'default'"
+            )
+        return [raster_layout(*self.fixed_grid) for _ in range(inputs["pixel_values"].shape[0])]
 
     def visual_mask(self, input_ids, inputs_embeds):
         token_id = self.model.config.image_token_id

@@ -6,7 +6,6 @@ from .. import compat
 from ..errors import UnsupportedModelError
 from ..flops import ModelShape
 from ..registry import register_adapter
-from .base import Adapter
 from .llava import LlavaAdapter
 
 
@@ -115,4 +114,83 @@ class LlavaNextAdapter(LlavaAdapter):
         return torch.tensor(cells), [(side, side)] * tiles
 
     fixed_grid = None  # AnyRes: every image has its own layout
-    image_grids = Adapter.image_grids  # AnyRes tiles are not drawn yet: refused with a clear error
+
+    def _drawn_layout(self, vision_inputs: dict, image: int):
+        """(panels, cells, crop, (tiles_h, tiles_w)) of image ``image``: the base view, and the high-resolution
+        tiles stitched into one picture cut to the un-padded cells ``crop`` = (row0, row1, col0, col1)
+        of the tile canvas's grid; row newlines end the row before them."""
+        from ..viz import Panel
+
+        cfg = self.model.config
+        tile = cfg.vision_config.image_size
+        side = tile // cfg.vision_config.patch_size
+        height, width = vision_inputs["image_sizes"][image].tolist()
+        canvas_h, canvas_w = compat.anyres_canvas((height, width), cfg.image_grid_pinpoints)
+        tiles_h, tiles_w = canvas_h // tile, canvas_w // tile
+        n = len(self._packing(height, width)[0])
+        cells, _ = self.visual_layout(vision_inputs, image, n)
+        t, r, c = cells.unbind(-1)
+        hi = t > 0
+        rows = torch.where(hi, (t - 1) // tiles_w * side + r, -1)
+        cols = torch.where(hi, (t - 1) % tiles_w * side + c, -1)
+        r0, r1 = int(rows[hi].min()), int(rows[hi].max()) + 1
+        c0, c1 = int(cols[hi].min()), int(cols[hi].max()) + 1
+        out, last_row = [], 0
+        for ti, ri, ci, row, col in zip(*(v.tolist() for v in (t, r, c, rows, cols)), strict=True):
+            if ti == 0:
+                out.append((0, ri, ci))
+            elif ti > 0:
+                out.append((1, row - r0, col - c0))
+                last_row = row - r0
+            else:  # a row newline closes the row before it
+                out.append((1, last_row, -1))
+        panels = [
+            Panel("base view", side, side),
+            Panel(
+                "high-res tiles",
+                r1 - r0,
+                c1 - c0,
+                tile_rows=tuple(k * side - r0 for k in range(1, tiles_h) if r0 < k * side < r1),
+                tile_cols=tuple(k * side - c0 for k in range(1, tiles_w) if c0 < k * side < c1),
+            ),
+        ]
+        return panels, torch.tensor(out), (r0, r1, c0, c1), (tiles_h, tiles_w)
+
+    def image_grids(self, inputs) -> list[tuple[list, torch.Tensor]]:
+        """Two panels per image: the base view (one tile's grid) and the high-resolution tiles side by
+        side as the image's grid, without the rows / columns un-padding removed; each row newline ends
+        its row of the high-resolution grid."""
+        out = []
+        for image in range(len(inputs["image_sizes"])):
+            panels, cells, _, _ = self._drawn_layout(inputs, image)
+            out.append((panels, cells))
+        return out
+
+    def model_view(self, inputs, processor) -> list[list]:
+        """Per image: the base view (stretched back to the image's aspect ratio) and the high-resolution
+        tiles stitched together, cut to the un-padded part."""
+        from PIL import Image
+
+        from ..viz import picture_from_pixels
+
+        cfg = self.model.config
+        tile = cfg.vision_config.image_size
+        patch = cfg.vision_config.patch_size
+        pixels = inputs["pixel_values"]
+        out, first = [], 0
+        for image, (height, width) in enumerate(inputs["image_sizes"].tolist()):
+            _, _, (r0, r1, c0, c1), (tiles_h, tiles_w) = self._drawn_layout(inputs, image)
+            count = 1 + tiles_h * tiles_w
+            if pixels.dim() == 5:  # [images, tiles (padded), 3, H, W]
+                tiles = pixels[image, :count]
+            else:  # [all tiles, 3, H, W]
+                tiles, first = pixels[first : first + count], first + count
+            base = picture_from_pixels(tiles[0], processor)
+            scale = tile / max(height, width)
+            base = base.resize((max(1, round(width * scale)), max(1, round(height * scale))))
+            canvas = Image.new("RGB", (tiles_w * tile, tiles_h * tile))
+            for k in range(count - 1):
+                at = (k % tiles_w * tile, k // tiles_w * tile)
+                canvas.paste(picture_from_pixels(tiles[1 + k], processor), at)
+            out.append([base, canvas.crop((c0 * patch, r0 * patch, c1 * patch, r1 * patch))])
+        return out

@@ -183,7 +183,44 @@ class QwenVLAdapter(Adapter):
                     sequences += [h * w] * t
         return sequences
 
-    def model_view(self, inputs, processor):
-        raise UnsupportedModelError(
-            "leanvlm viz supports LlavaForConditionalGeneration; Qwen-VL pixels arrive as flattened patches"
-        )
+    def _image_grids_thw(self, inputs) -> list[list[int]]:
+        grid = inputs.get("image_grid_thw")
+        if grid is None:
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__}: leanvlm viz draws images; the inputs have no image_grid_thw"
+            )
+        return grid.tolist()
+
+    def image_grids(self, inputs) -> list[tuple[list, torch.Tensor]]:
+        """One panel per image (per frame when an image has several), its merged grid filled row by
+        row; each token covers 2x2 patches (``spatial_merge_size``)."""
+        import dataclasses
+
+        from ..viz import raster_layout
+
+        merge = self.model.config.vision_config.spatial_merge_size
+        note = f"one cell: one visual token, {merge}x{merge} patches merged"
+        out = []
+        for t, h, w in self._image_grids_thw(inputs):
+            (panel,), cells = raster_layout(h // merge, w // merge)
+            out += [([dataclasses.replace(panel, note=note)], cells)] * t
+        return out
+
+    def model_view(self, inputs, processor) -> list[list]:
+        """Per image (frame), the picture put back together from its flattened patches: ``pixel_values``
+        [patches, C * T * p * p], each image's patches in merge-block order (h/m, w/m, m, m)."""
+        from ..viz import picture_from_pixels
+
+        v = self.model.config.vision_config
+        p, m, tp = v.patch_size, v.spatial_merge_size, v.temporal_patch_size
+        channels = getattr(v, "in_channels", None) or getattr(v, "in_chans", 3)
+        pixels = inputs["pixel_values"]
+        out, first = [], 0
+        for t, h, w in self._image_grids_thw(inputs):
+            patches = pixels[first : first + t * h * w].reshape(t, h // m, w // m, m, m, channels, tp, p, p)
+            first += t * h * w
+            for frame in range(t):
+                x = patches[frame, :, :, :, :, :, 0]  # (h/m, w/m, m, m, C, p, p)
+                x = x.permute(4, 0, 2, 5, 1, 3, 6).reshape(channels, h * p, w * p)
+                out.append([picture_from_pixels(x, processor)])
+        return out

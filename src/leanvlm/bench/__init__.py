@@ -16,7 +16,16 @@ from ..methods.spec import get_method, resolve_method
 from ..registry import METHODS
 from .runner import BenchConfig, Settings, measure
 
-__all__ = ["BenchConfig", "Settings", "build_configs", "format_table", "measure", "plot", "result_document"]
+__all__ = [
+    "BenchConfig",
+    "Settings",
+    "build_configs",
+    "format_table",
+    "measure",
+    "plot",
+    "result_document",
+    "timing_notes",
+]
 
 
 def parse_budgets(text: str) -> list[str]:
@@ -113,6 +122,8 @@ def format_table(rows: list[dict]) -> str:
             return "n/a"
         if key == "kv_bytes":
             return f"{row[key] / 2**20:.1f}"
+        if key == "speedup" and row.get("noisy"):
+            return fmt.format(row[key]) + "?"  # see timing_notes
         return fmt.format(row[key])
 
     table = [[title for _, title, _ in COLUMNS]] + [[cell(r, k, f) for k, _, f in COLUMNS] for r in rows]
@@ -125,6 +136,34 @@ def format_table(rows: list[dict]) -> str:
     ]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
+
+
+def timing_notes(rows: list[dict]) -> list[str]:
+    """Lines to print under the table: how noisy the timings were (the speedups marked ``?``), and why a
+    peak-memory column reads n/a."""
+    from .runner import NOISY_SPREAD
+
+    lines = []
+    spreads = [(r["prefill_ms_spread"], r["config"]) for r in rows if r.get("prefill_ms_spread") is not None]
+    over = [config for value, config in spreads if value > NOISY_SPREAD]
+    if any(r.get("noisy") for r in rows) and spreads:
+        worst, where = max(spreads)
+        base = rows[0].get("prefill_ms_spread")
+        lines.append(
+            f"noisy timing: the prefill times of {len(over)} of {len(rows)} rows spread by more than "
+            f"{NOISY_SPREAD:.0%} (interquartile range / median; up to {worst:.0%} in '{where}'"
+            + (f", {base:.0%} for '{rows[0]['config']}'" if base is not None else "")
+            + "), so the speedups marked ? are not reliable: rerun on an idle machine, with more --repeats"
+        )
+    if len(rows) > 1 and all(r.get("prefill_ms_spread") is None for r in rows):
+        lines.append(
+            "timing spread unknown: one prefill per row; rerun with more --repeats to see how noisy it is"
+        )
+    notes = sorted(
+        {r["peak_mem_note"] for r in rows if r.get("peak_mem_mib") is None and r.get("peak_mem_note")}
+    )
+    lines += [f"peak MiB n/a: {note}" for note in notes]
+    return lines
 
 
 def result_document(
@@ -152,34 +191,113 @@ def result_document(
 
 
 def plot(rows: list[dict], path: str | Path, title: str) -> None:
-    """PNG of measured prefill speedup against the FLOPs ratio, with the ideal curve speedup = 1/ratio."""
+    """PNG of measured prefill speedup against the FLOPs ratio, with the ideal curve speedup = 1/ratio.
+
+    One colour per method and one marker per setting (each budget, the methods' defaults, each
+    --method spec), explained by one legend beside the plot (no labels on the points, so none overlap);
+    the two reference rows have markers of their own, and methods run with untrained modules hollow
+    ones."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.lines import Line2D
+        from matplotlib.patches import Patch
     except ImportError as err:
         raise ConfigError("--plot needs matplotlib: pip install 'leanvlm[viz]'") from err
-    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=100)
-    ratios = [r["flops_ratio"] for r in rows]
+
+    points = [r for r in rows if r.get("flops_ratio") is not None and r.get("speedup") is not None]
+    # the reference rows: (colour, marker, size, label)
+    references = {
+        "unmodified": ("black", "D", 110, "unmodified model"),
+        "no method": ("0.6", "X", 60, "leanvlm, no method"),
+    }
+    palette = [
+        *("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf"),
+        *("#000080", "#e6ab02", "#008080", "#800000", "#7fbf7f", "#ff9896", "#c5b0d5"),
+    ]
+    markers = ["o", "s", "^", "v", "P", "<", ">", "h", "p", "*", "d", "8"]
+
+    def setting(r) -> str:
+        budget = str(r.get("budget", ""))
+        if budget == "default":
+            return "the method's default"
+        return r["config"] if budget == "spec" else f"budget {budget}"
+
+    methods = list(dict.fromkeys(r["method"] for r in points))
+    others = [m for m in methods if m not in references]
+    colour = {m: palette[i % len(palette)] for i, m in enumerate(others)}
+    reduced = [r for r in points if r["method"] not in references]
+    budgets = sorted(
+        {str(r.get("budget")) for r in reduced if setting(r).startswith("budget ")}, key=lambda b: -float(b)
+    )
+    settings = ["the method's default", *[f"budget {b}" for b in budgets]]
+    settings += [r["config"] for r in reduced if str(r.get("budget")) == "spec"]
+    settings = [s for s in dict.fromkeys(settings) if any(setting(r) == s for r in reduced)]
+    marker = {s: markers[i % len(markers)] for i, s in enumerate(settings)}
+    untrained = {r["method"] for r in points if r.get("untrained_modules")}
+
+    fig, ax = plt.subplots(figsize=(10, 5.6), dpi=100, layout="constrained")
+    ratios = [r["flops_ratio"] for r in points] or [1.0]
     lo = max(min(ratios) * 0.9, 0.01)
     xs = [lo + (1.05 - lo) * i / 100 for i in range(101)]
-    ax.plot(xs, [1 / x for x in xs], color="0.6", linestyle="--", label="ideal: speedup = 1 / FLOPs ratio")
-    for r in rows:
-        ax.scatter(r["flops_ratio"], r["speedup"], s=40)
-        ax.annotate(
-            r["config"],
-            (r["flops_ratio"], r["speedup"]),
-            textcoords="offset points",
-            xytext=(5, 4),
-            fontsize=7,
+    (ideal,) = ax.plot(xs, [1 / x for x in xs], color="0.55", linestyle="--", zorder=1)
+    for r in points:
+        if r["method"] in references:
+            c, m, size, _ = references[r["method"]]
+            ax.scatter(r["flops_ratio"], r["speedup"], s=size, marker=m, color=c, zorder=4)
+            continue
+        c, m = colour[r["method"]], marker[setting(r)]
+        hollow = r["method"] in untrained
+        ax.scatter(
+            r["flops_ratio"],
+            r["speedup"],
+            s=60,
+            marker=m,
+            facecolors="none" if hollow else c,
+            edgecolors=c if hollow else "white",
+            linewidths=1.6 if hollow else 0.6,
+            alpha=0.9,
+            zorder=3,
         )
     ax.set_xlabel("prefill FLOPs ratio (method / unmodified)")
     ax.set_ylabel("measured prefill speedup")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+
+    def header(text):
+        return Line2D([], [], linestyle="none", label=text)
+
+    handles = [header("method (colour)")]
+    for m in methods:
+        if m in references:
+            c, mk, size, label = references[m]
+            handles.append(
+                Line2D([], [], linestyle="none", marker=mk, markersize=size**0.5, color=c, label=label)
+            )
+        else:
+            label = m + (" (untrained modules: hollow)" if m in untrained else "")
+            handles.append(Patch(facecolor=colour[m], edgecolor="none", label=label))
+    if settings:
+        handles += [header(" "), header("setting (marker)")]
+    for s in settings:
+        handles.append(Line2D([], [], linestyle="none", marker=marker[s], markersize=8, color="0.3", label=s))
+    handles += [
+        header(" "),
+        Line2D([], [], color=ideal.get_color(), linestyle="--", label="ideal: speedup = 1 / FLOPs ratio"),
+    ]
+    legend = fig.legend(
+        handles=handles,
+        loc="outside right upper",
+        fontsize=9,
+        ncols=1 if len(handles) <= 28 else 2,
+        frameon=False,
+        handletextpad=0.6,
+    )
+    for text in legend.get_texts():
+        if text.get_text() in ("method (colour)", "setting (marker)"):
+            text.set_fontweight("bold")
     fig.savefig(path)
     plt.close(fig)
 

@@ -9,6 +9,10 @@ first token and decode are measured separately:
   ``prefill_per_round`` times per round);
 * time to first token: ``generate(max_new_tokens=1)`` (vision tower + prefill + sampling);
 * decode: ``(t(generate N) - t(generate 1)) / (N - 1)`` with ``min_new_tokens=N``.
+
+Each row also reports how far its prefill timings disagreed (``prefill_ms_spread``: interquartile range
+over median) and ``noisy`` when its speedup is not to be trusted: its own spread or the unmodified
+model's is above ``NOISY_SPREAD`` (10%), as on a loaded machine.
 """
 
 from __future__ import annotations
@@ -54,7 +58,21 @@ class Samples:
     selection_ms: list[float] = field(default_factory=list)
     ttft_ms: list[float] = field(default_factory=list)
     decode_ms: list[float] = field(default_factory=list)  # t(generate N) - t(generate 1), per repeat
-    peak_bytes: int = 0
+    peak_bytes: int | None = None  # None: not measured on this machine (see PeakMemory.unavailable)
+    peak_note: str | None = None
+
+
+#: a row whose prefill timings spread more than this (interquartile range / median) is ``noisy``
+NOISY_SPREAD = 0.1
+
+
+def spread(samples: list[float]) -> float | None:
+    """The interquartile range of ``samples`` over their median (None with fewer than two samples)."""
+    if len(samples) < 2:
+        return None
+    q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
+    middle = statistics.median(samples)
+    return (q3 - q1) / middle if middle > 0 else None
 
 
 def synchronize(device: torch.device) -> None:
@@ -62,13 +80,37 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+_malloc_trim = None  # glibc's malloc_trim once looked up; False where there is none
+
+
+def release_free_memory() -> bool:
+    """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``); False where there is no
+    such call (not glibc), so that the process RSS still counts memory freed earlier."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim is False:
+        return False
+    _malloc_trim(0)
+    return True
+
+
 class PeakMemory:
-    """Peak memory above the level at entry: the CUDA allocator's peak, or the process RSS sampled
-    every millisecond on CPU."""
+    """Peak memory above the level at entry: the CUDA allocator's peak, or on CPU the process RSS sampled
+    every millisecond. On CPU, memory that earlier work freed stays in the process (the C heap keeps it for
+    reuse), so the RSS would not grow for a run that reuses it and most runs would read 0: the heap's free
+    pages are handed back first (glibc), and without glibc ``peak`` is None and ``unavailable`` says why."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.peak = 0
+        self.peak: int | None = 0
+        self.unavailable: str | None = None
 
     def __enter__(self):
         if self.device.type == "cuda":
@@ -78,6 +120,11 @@ class PeakMemory:
             return self
         import psutil
 
+        if not release_free_memory():
+            self.unavailable = (
+                "peak memory on CPU needs glibc's malloc_trim (Linux): without it the process keeps the memory "
+                "earlier runs freed and the RSS does not show what a run needs"
+            )
         self._proc = psutil.Process()
         self._start = self._proc.memory_info().rss
         self._max = self._start
@@ -100,7 +147,7 @@ class PeakMemory:
             self._stop.set()
             self._thread.join()
             self._max = max(self._max, self._proc.memory_info().rss)
-            self.peak = self._max - self._start
+            self.peak = None if self.unavailable else self._max - self._start
 
 
 def _timed(fn: Callable, device: torch.device) -> float:
@@ -166,8 +213,9 @@ def measure(
                     selection = _selection_ms(handle, prefill)
                     t1 = _timed(first_token, device)
                     tn = _timed(generate_n, device)
-                    mem = PeakMemory(device)
+                    mem = None
                     if r == rounds - 1:  # once, untimed: the CPU sampler thread would slow a timed run
+                        mem = PeakMemory(device)
                         with mem:
                             generate_n()
                 finally:
@@ -179,12 +227,17 @@ def measure(
                     s.selection_ms.extend(selection)
                     s.ttft_ms.append(t1)
                     s.decode_ms.append(tn - t1)
-                    s.peak_bytes = max(s.peak_bytes, mem.peak)
+                    if mem is not None:
+                        s.peak_bytes, s.peak_note = mem.peak, mem.unavailable
         rows = [_row(model, inputs, c, samples[c.label], settings, shape, dtype_bytes) for c in configs]
     for row in rows:
         row["untrained_modules"] = row["config"] in untrained
     base = rows[0]
     for row in rows:
+        # a speedup is a ratio of two medians: it is as noisy as the noisier of the two rows
+        row["noisy"] = any(
+            r["prefill_ms_spread"] is not None and r["prefill_ms_spread"] > NOISY_SPREAD for r in (row, base)
+        )
         row["speedup"] = round(base["prefill_ms"] / row["prefill_ms"], 3)
         row["ttft_speedup"] = round(base["ttft_ms"] / row["ttft_ms"], 3)
         both = row["decode_tok_s"] and base["decode_tok_s"]
@@ -247,6 +300,8 @@ def _row(model, inputs, config: BenchConfig, s: Samples, settings: Settings, sha
         "paper_flops": report.paper_total,
         "prefill_ms": round(prefill_ms, 3),
         "prefill_ms_min": round(min(s.prefill_ms), 3),
+        # interquartile range / median of the prefill timings: how far the repeats disagreed
+        "prefill_ms_spread": None if (rel := spread(s.prefill_ms)) is None else round(rel, 4),
         # the methods' own work before the LLM (selection), timed in separate prefills, and its share
         "selection_ms": round(selection_ms, 3),
         "selection_share": round(selection_ms / prefill_ms, 4) if prefill_ms > 0 else None,
@@ -254,7 +309,8 @@ def _row(model, inputs, config: BenchConfig, s: Samples, settings: Settings, sha
         "ttft_ms": round(ttft_ms, 3),
         # None when timing noise exceeded the decode time itself (too few new tokens for this machine)
         "decode_tok_s": round((settings.new_tokens - 1) / (decode_ms / 1e3), 3) if decode_ms > 0 else None,
-        "peak_mem_mib": round(s.peak_bytes / 2**20, 2),
+        "peak_mem_mib": None if s.peak_bytes is None else round(s.peak_bytes / 2**20, 2),
+        "peak_mem_note": s.peak_note,
         "kv_bytes": kv_measured,
         "kv_bytes_analytic": report.kv_bytes,
         "visual_per_layer": visual,

@@ -127,6 +127,10 @@ def run(args) -> int:
         f"({doc['visual_tokens']} visual) | {args.device} {args.dtype} {args.attn}"
     )
     print(format_table(rows))
+    from ..bench import timing_notes
+
+    for line in timing_notes(rows):
+        print(line)
     for config, reason in skipped:
         print(f"skipped {config}: {reason}")
     untrained = [r["config"] for r in rows if r.get("untrained_modules")]

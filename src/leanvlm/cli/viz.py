@@ -54,14 +54,13 @@ def run(args) -> int:
     inputs = chat_inputs(processor, args.prompt, images, args.device)
     with lv.apply(model, method) as applied, torch.inference_mode():
         model(**inputs, logits_to_keep=1)
-        paths = write_stage_pngs(
+        print(f"model: {label} | method: {method.describe()}")
+        write_stage_pngs(
             applied.trace,
             applied.adapter.image_grids(inputs),
             applied.adapter.model_view(inputs, processor),
             args.out,
             size=args.size,
+            log=print,
         )
-    print(f"model: {label} | method: {method.describe()}")
-    for path in paths:
-        print(f"wrote {path}")
     return 0

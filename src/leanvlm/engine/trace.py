@@ -28,7 +28,7 @@ class StageRecord:
         if self.carrier is None:
             return {}
         carrier = self.carrier[sample]
-        present = set(self.orig[sample][self.valid[sample]].tolist())
+        present = set(self.orig[sample][self.visual[sample]].tolist())
         groups: dict[int, list[int]] = {}
         for token, lead in enumerate(carrier.tolist()):
             if lead in present:

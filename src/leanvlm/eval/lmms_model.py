@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -104,6 +105,8 @@ class LeanVLMEval(lmms):
         )
         # the method's defaults for this model's depth, the arguments given on top (as every command)
         self.method = resolve_build(str(method), method_args, find_adapter(self.model).num_layers)
+        if self.method is not None:  # the setting that runs, said once (defaults follow the model's depth)
+            print(f"leanvlm: method {method} -> {self.method.describe()}", file=sys.stderr)
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.tokenizer.padding_side = "left"
         self.handle = apply(self.model, *([self.method] if self.method else []))

@@ -55,7 +55,9 @@ class _Baseline(Method):
         compact = self.resolved_positions(adapter.supports_compact_positions) == "compact"
 
         def drop(ctx):  # no query: in training every sample is reduced alike
-            return keep_top_visual(ctx, self.scores(ctx), self.keep_count, compact, needs_query=False)
+            return keep_top_visual(
+                ctx, self.scores(ctx), self.keep_count, compact, needs_query=False, owner=type(self).__name__
+            )
 
         return [Step(self.layer, drop)]
 

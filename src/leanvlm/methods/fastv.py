@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 from ..engine.plan import Step
@@ -59,6 +60,11 @@ class FastV(Method):
         check_range("FastV", "keep_ratio", self.keep_ratio, 0, 1, low_open=True)
         if self.keep_tokens is not None and (not is_int(self.keep_tokens) or self.keep_tokens < 0):
             raise ConfigError(f"FastV: keep_tokens={show(self.keep_tokens)} must be an int >= 0 (or None)")
+        if self.keep_tokens == 0:
+            warnings.warn(
+                f"FastV: keep_tokens=0 keeps no visual token: from layer {self.layer} on the model sees no image",
+                stacklevel=3,
+            )
         self._check_choice("query", self.query, QUERIES)
         self._check_choice("positions", self.positions, POSITIONS)
 
@@ -86,7 +92,10 @@ class FastV(Method):
             return ctx.to_tokens(ctx.attention(self.query))
 
         def drop(ctx):
-            return keep_top_visual(ctx, ctx.from_tokens(ctx.observed), self.keep_count, compact)
+            scores = ctx.from_tokens(ctx.observed)
+            # keep_tokens=0 was warned about when the config was made
+            owner = None if self.keep_tokens == 0 else "FastV"
+            return keep_top_visual(ctx, scores, self.keep_count, compact, owner=owner)
 
         return [Step(self.layer, drop, observe=rank, observe_layer=self.layer - 1)]
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from itertools import pairwise
 
@@ -9,6 +10,9 @@ from ..errors import ConfigError, check_range, is_int, show
 from ..registry import register_method
 from .base import POSITIONS, QUERIES, Method, check_layer
 from .select import keep_top_visual
+
+#: the least share of the visual tokens ``at_budget`` lets the last stage keep (9 of LLaVA-1.5's 576)
+MIN_LAST_SHARE = 1 / 64
 
 
 @register_method("pyramiddrop")
@@ -97,7 +101,9 @@ class PyramidDrop(Method):
 
     @classmethod
     def at_budget(cls, budget: float, num_layers: int) -> PyramidDrop:
-        """Four even stages with a geometric ratio lambda chosen so the layer average equals ``budget``."""
+        """Four even stages with a geometric ratio lambda chosen so the layer average equals ``budget``. A
+        budget whose last stage would keep less than ``MIN_LAST_SHARE`` (1/64) of the visual tokens is
+        refused with ConfigError (the bench skips it and records why): on a 32-layer model, below 0.333."""
         if num_layers < 4:
             raise ConfigError(f"PyramidDrop: at_budget needs at least 4 layers, got {num_layers}")
         layers = tuple(round(num_layers * k / 4) for k in (1, 2, 3))
@@ -115,6 +121,14 @@ class PyramidDrop(Method):
             mid = (lo + hi) / 2
             lo, hi = (mid, hi) if average(mid) < budget else (lo, mid)
         lam = hi
+        if lam**3 < MIN_LAST_SHARE:  # e.g. budget 0.3: 2 of 576 visual tokens in the last stage
+            lowest = math.ceil(average(MIN_LAST_SHARE ** (1 / 3)) * 1000) / 1000
+            raise ConfigError(
+                f"PyramidDrop: budget={budget} needs a keep ratio of {lam:.3g} per stage, so the last stage "
+                f"would keep {lam**3:.2%} of the visual tokens ({int(576 * lam**3)} of LLaVA-1.5's 576); "
+                f"the lowest budget that keeps 1/{round(1 / MIN_LAST_SHARE)} of them there, with stages at "
+                f"layers {layers}, is {lowest:g}"
+            )
         return cls(layers=layers, keep_ratios=tuple(round(lam**i, 6) for i in (1, 2, 3)))
 
     def check_model(self, num_layers: int) -> None:
@@ -130,7 +144,7 @@ class PyramidDrop(Method):
 
         def drop(ctx, stage: int):  # rank on the stage's first layer's own input, then drop
             keep = functools.partial(self.keep_count, stage)
-            return keep_top_visual(ctx, ctx.attention(self.query), keep, compact)
+            return keep_top_visual(ctx, ctx.attention(self.query), keep, compact, owner="PyramidDrop")
 
         return [Step(layer, functools.partial(drop, stage=i)) for i, layer in enumerate(self.layers)]
 

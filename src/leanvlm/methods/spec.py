@@ -11,7 +11,15 @@ import ast
 from ..errors import ConfigError, show
 from ..registry import METHODS, get_method
 
-__all__ = ["build_method", "get_method", "method_names", "parse_method", "resolve_build", "resolve_method", "split_top_level"]
+__all__ = [
+    "build_method",
+    "get_method",
+    "method_names",
+    "parse_method",
+    "resolve_build",
+    "resolve_method",
+    "split_top_level",
+]
 
 
 def split_top_level(text: str, sep: str = ",") -> list[str]:
