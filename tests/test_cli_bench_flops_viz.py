@@ -319,7 +319,3 @@ def test_bench_runs_on_other_adapters(capsys, tmp_path, preset):
 def test_flops_command_refuses_variable_size_models(capsys, preset):
     code, _, err = run_cli(capsys, "flops", "--preset", preset, "--method", "fastv")
     assert code == 2 and "the visual-token count depends on the image; use leanvlm bench" in err
-
-
-# every row also says how far its prefill timings spread, whether its speedup is noisy, and why its peak
-# memory was not measured (None when it was)

@@ -30,6 +30,11 @@ def saved(tmp_path_factory):
         )
     ).save_pretrained(root / "llama")
     demo_image(112, seed=3).save(root / "picture.png")
+    conversation = [
+        {"from": "human", "value": "<image>\nWhat is shown?"},
+        {"from": "gpt", "value": "Two squares on a gradient."},
+    ]
+    (root / "data.json").write_text(json.dumps([{"image": "picture.png", "conversations": conversation}] * 2))
     (root / "not-an-image.png").write_text("text")
     return root
 
@@ -81,9 +86,29 @@ def test_generate_without_an_image_says_it_uses_a_synthetic_one(saved):
 
 
 def test_viz_flops_bench_and_train_run(saved, tmp_path):
-    viz = leanvlm("viz", "--model", saved / "llava", "--method", "vcc", "--out", tmp_path / "viz")
-    assert viz.returncode == 0, viz.stderr
-    assert sorted(p.name for p in (tmp_path / "viz").iterdir())[0].endswith(".png")
+    for name in ("llava", "qwen"):
+        viz = leanvlm("viz", "--model", saved / name, "--method", "vcc", "--out", tmp_path / name)
+        assert viz.returncode == 0, viz.stderr
+        assert sorted(p.name for p in (tmp_path / name).iterdir()) == [
+            "stage0_input.png",
+            "stage1_layer2.png",
+        ]
+    train = leanvlm(
+        "train",
+        "--model",
+        saved / "llava",
+        "--data",
+        saved / "data.json",
+        "--output-dir",
+        tmp_path / "run",
+        "--max-steps",
+        "1",
+        "--method",
+        "pyramiddrop",
+        "--no-progress",
+    )
+    assert train.returncode == 0, train.stderr
+    assert json.loads((tmp_path / "run" / "train_summary.json").read_text())["steps"] == 1
     flops = leanvlm("flops", "--model", saved / "llava", "--method", "pyramiddrop", "--json")
     assert flops.returncode == 0, flops.stderr
     assert json.loads(flops.stdout)["methods"][0]["layers"][1]["visual"] == 8
@@ -126,8 +151,23 @@ def test_viz_flops_bench_and_train_run(saved, tmp_path):
             ["generate", "--model", "{root}/llava", "--image", "{root}/not-an-image.png"],
             "cannot be read as an image",
         ),
+        (
+            ["train", "--model", "{root}/llama", "--data", "{root}/data.json", "--output-dir", "{root}/o"],
+            "supported:",
+        ),
+        (["eval", "--model", "{root}/llava", "--method", "warpdrive", "--tasks", "mme"], "unknown method"),
     ],
-    ids=["llama", "missing", "viz-missing", "flops-llama", "bench-llama", "bad-method", "bad-image"],
+    ids=[
+        "llama",
+        "missing",
+        "viz-missing",
+        "flops-llama",
+        "bench-llama",
+        "bad-method",
+        "bad-image",
+        "train",
+        "eval",
+    ],
 )
 def test_bad_inputs_get_one_line_and_exit_code_2(saved, argv, message):
     result = leanvlm(*[a.format(root=saved) for a in argv])

@@ -66,6 +66,11 @@ def find_results(output_dir: Path) -> Path | None:
 def run(args) -> int:
     import importlib.util
 
+    from ..loading import check_device
+    from ..methods.spec import parse_method
+
+    parse_method(args.method)  # bad inputs first, one line each, before anything else is asked for
+    check_device(args.device)
     if importlib.util.find_spec("lmms_eval") is None:
         raise ConfigError(
             "leanvlm eval needs lmms-eval: see docs/eval.md (scripts/install_eval.sh on CPU machines)"
