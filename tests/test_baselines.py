@@ -117,4 +117,4 @@ def test_matched_budgets_and_flops_schedule():
     method = lv.RandomDrop.at_budget(0.25, 32)
     tokens, visual = schedule_counts(method, 32, 576, 13)
     assert visual == [144] * 32 and tokens == [157] * 32
-    assert lv.UniformDrop.bench_default(32) == lv.UniformDrop(keep_ratio=0.25)
+    assert lv.UniformDrop.bench_default(32) == lv.UniformDrop()  # the class default, as on the command line

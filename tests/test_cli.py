@@ -128,3 +128,20 @@ def test_method_spec_parsing():
     ) == lv.PyramidDrop(layers=(2, 4), keep_ratios=(0.5, 0.25), positions="original")
     assert parse_method("FastV:keep_tokens=64") == lv.FastV(keep_tokens=64)
     assert parse_method("none") is None
+
+
+def test_method_names_resolve_to_the_depths_defaults():
+    """A bare name takes the method's defaults for the model's depth; a spec that sets a depth-dependent
+    argument is taken as written; other arguments keep the depth's defaults."""
+    from leanvlm.methods.spec import resolve_method
+
+    assert resolve_method("pyramiddrop", 32) == lv.PyramidDrop()
+    assert resolve_method("pyramiddrop", 8).layers == (2, 4, 6)
+    assert resolve_method("pyramiddrop:query='text'", 8).layers == (2, 4, 6)
+    assert resolve_method("pyramiddrop:layers=[1,2,3]", 8).layers == (1, 2, 3)
+    assert resolve_method("fastv", 4) == lv.FastV()  # lv.FastV() fits: nothing changes
+    assert resolve_method("visionzip:dominant=10,contextual=4", 32) == lv.VisionZip(dominant=10, contextual=4)
+    assert resolve_method("random", 5) == lv.RandomDrop()
+    assert resolve_method("proxyv", 16).start_layer == 6
+    assert resolve_method("none", 8) is None
+    assert resolve_method("pyramiddrop:query='text'", 3) == lv.PyramidDrop(query="text")  # no default fits

@@ -25,6 +25,8 @@ __all__ = [
     "load_config",
     "load_model",
     "load_pretrained",
+    "attach_saved_modules",
+    "saved_modules",
     "load_processor",
     "resolve_dtype",
 ]
@@ -38,17 +40,20 @@ def check_device(device: str) -> None:
         raise ConfigError(f"--device {device!r} is not a device (cpu, cuda, cuda:1, ...): {err}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {device!r}: CUDA is not available on this machine; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def resolve_dtype(dtype: str | None, device: str) -> torch.dtype:
     """``dtype`` by name, or the default: float32 on the CPU, bfloat16 on a GPU."""
+    check_device(device)
     name = dtype or ("float32" if torch.device(device).type == "cpu" else "bfloat16")
     if name not in DTYPES:
         raise ConfigError(f"--dtype {name!r} is not one of {', '.join(DTYPES)}")
     return getattr(torch, name)
 
 
-def _looks_local(path_or_id: str) -> bool:
+def looks_local(path_or_id: str) -> bool:
     return path_or_id.startswith((".", "/", "~")) or Path(path_or_id).exists() or path_or_id.count("/") > 1
 
 
@@ -57,8 +62,10 @@ def load_config(path_or_id: str, *, supported: bool = True):
     (``supported``) no adapter serves its model class."""
     from transformers import AutoConfig
 
-    if _looks_local(path_or_id) and not Path(path_or_id).expanduser().is_dir():
-        raise ConfigError(f"--model {path_or_id!r}: no such folder (give a checkpoint folder or a hub id)")
+    if looks_local(path_or_id):
+        if not Path(path_or_id).expanduser().is_dir():
+            raise ConfigError(f"--model {path_or_id!r}: no such folder (give a checkpoint folder or a hub id)")
+        path_or_id = str(Path(path_or_id).expanduser())
     try:
         config = AutoConfig.from_pretrained(path_or_id)
     except (OSError, ValueError) as err:
@@ -74,6 +81,10 @@ def _check_supported(path_or_id: str, config) -> None:
 
     supported = supported_models()
     names = list(getattr(config, "architectures", None) or [])
+    if not names:  # a config saved without its class: the class transformers builds for its model type
+        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+        names = [MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(getattr(config, "model_type", ""), "")]
     if not any(n in supported for n in names):
         found = ", ".join(names) or f"model type {getattr(config, 'model_type', '?')!r}"
         raise UnsupportedModelError(
@@ -139,6 +150,8 @@ def load_pretrained(
 
     check_device(device)
     config = load_config(path_or_id)
+    if looks_local(path_or_id):
+        path_or_id = str(Path(path_or_id).expanduser())
     model = AutoModelForImageTextToText.from_pretrained(
         path_or_id, dtype=dtype or "auto", device_map=device, attn_implementation=attn_implementation
     )
@@ -163,6 +176,32 @@ def load_model(
         return loaded, processor, model
     built, processor = presets.build_preset(preset, attn_implementation=attn, dtype=dtype, device=device)
     return built, processor, f"preset {preset} (random weights)"
+
+
+def saved_modules(folder, methods) -> bool:
+    """Whether the checkpoint folder ``folder`` holds trained modules (``lv.save_modules``) of every
+    trainable method in ``methods`` (and at least one of them is trainable)."""
+    import json
+
+    from .modules.io import CONFIG
+
+    trainable = [m for m in methods if m is not None and m.trainable]
+    path = Path(str(folder)).expanduser() / CONFIG if folder else None
+    if not trainable or path is None or not path.is_file():
+        return False
+    saved = json.loads(path.read_text()).get("modules", [])
+    return all(m.module_key() in saved for m in trainable)
+
+
+def attach_saved_modules(model, folder, methods) -> bool:
+    """Load the trained modules of ``methods`` saved beside the checkpoint ``folder``, when it holds them
+    (a ``leanvlm train`` output); returns whether it did."""
+    from .modules import load_modules
+
+    if not saved_modules(folder, methods):
+        return False
+    load_modules(model, str(Path(str(folder)).expanduser()), *[m for m in methods if m is not None and m.trainable])
+    return True
 
 
 def load_images(paths: list[str]):

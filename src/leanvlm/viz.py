@@ -96,25 +96,6 @@ def token_fates(trace, sample: int = 0) -> list[tuple[torch.Tensor, torch.Tensor
     return out
 
 
-def survival_grids(trace, grids: list[tuple[int, int]], sample: int = 0) -> list[list[torch.Tensor]]:
-    """Per stage, per image: a [rows, cols] bool grid of the visual tokens the LLM still takes in from
-    that stage on (on their own or averaged into a pooled token)."""
-    total = sum(r * c for r, c in grids)
-    out = []
-    for fate, _ in token_fates(trace, sample):
-        if fate.numel() != total:
-            raise ConfigError(f"the prompt has {fate.numel()} visual tokens but its images give {total}")
-        per_image, offset = [], 0
-        for rows, cols in grids:
-            per_image.append((fate[offset : offset + rows * cols] != DROPPED).view(rows, cols))
-            offset += rows * cols
-        out.append(per_image)
-    return out
-
-
-# --- drawing ----------------------------------------------------------------------------------------
-
-
 def _font(size: int):
     from PIL import ImageFont
 

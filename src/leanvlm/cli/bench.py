@@ -69,10 +69,15 @@ def run(args) -> int:
     from ..bench import build_configs, format_table, measure, parse_budgets, plot, result_document, write_json
     from ..bench.runner import Settings
     from ..flops import dtype_size
-    from ..loading import chat_inputs
+    from ..loading import attach_saved_modules, chat_inputs
+    from ..methods.spec import parse_method
     from ..registry import find_adapter
 
     budgets = parse_budgets(args.budgets)
+    for spec in args.specs:  # validated before anything is loaded
+        parse_method(spec)
+    if len(set(args.specs)) != len(args.specs):
+        raise ConfigError(f"--method: a setting is given twice ({', '.join(args.specs)})")
     names = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     for key in ("repeats", "new_tokens"):
         if getattr(args, key) < (2 if key == "new_tokens" else 1):
@@ -90,6 +95,7 @@ def run(args) -> int:
     configs = build_configs(names, budgets, adapter.num_layers, skipped, args.specs)
     for c in configs[2:]:  # the settings each row runs, resolved for this model's depth
         print(f"leanvlm bench: {c.label} -> {c.methods[0].describe()}", file=sys.stderr)
+        attach_saved_modules(model, args.model, c.methods)  # trained modules saved beside the checkpoint
     images = default_images(images, model, "bench")
     inputs = chat_inputs(processor, args.prompt, images, args.device)
     settings = Settings(repeats=args.repeats, warmup=args.warmup, new_tokens=args.new_tokens)

@@ -34,7 +34,7 @@ def add_parser(sub) -> None:
 
 def model_args(args, stats_path: Path) -> str:
     """The --model_args string: loading options, then the method's own arguments."""
-    from ..methods.spec import parse_method
+    from ..methods.spec import parse_kwargs, parse_method
 
     method = parse_method(args.method)  # validate here, with the API's messages, before lmms-eval starts
     # lmms-eval passes --batch_size and --device to the model itself
@@ -47,15 +47,10 @@ def model_args(args, stats_path: Path) -> str:
         items.append("method=none")
     else:
         items.append(f"method={method.name}")
-        for key, value in _explicit_fields(method).items():
+        # only the spec's own arguments: the plugin sets the rest for the model's depth, as every command
+        for key, value in parse_kwargs(args.method.partition(":")[2]).items():
             items.append(f"{key}={list(value) if isinstance(value, tuple) else value}".replace(" ", ""))
     return ",".join(items)
-
-
-def _explicit_fields(method) -> dict:
-    import dataclasses
-
-    return {f.name: getattr(method, f.name) for f in dataclasses.fields(method)}
 
 
 def find_results(output_dir: Path) -> Path | None:
@@ -66,11 +61,13 @@ def find_results(output_dir: Path) -> Path | None:
 def run(args) -> int:
     import importlib.util
 
-    from ..loading import check_device
+    from ..loading import check_device, load_config, looks_local
     from ..methods.spec import parse_method
 
     parse_method(args.method)  # bad inputs first, one line each, before anything else is asked for
     check_device(args.device)
+    if looks_local(args.model):
+        load_config(args.model)  # a folder that does not exist, or a model no adapter serves
     if importlib.util.find_spec("lmms_eval") is None:
         raise ConfigError(
             "leanvlm eval needs lmms-eval: see docs/eval.md (scripts/install_eval.sh on CPU machines)"

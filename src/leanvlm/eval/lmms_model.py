@@ -30,7 +30,7 @@ from tqdm import tqdm
 from .. import flops as flops_mod
 from ..api import apply
 from ..errors import ConfigError, LeanVLMError
-from ..loading import chat_inputs, load_pretrained
+from ..loading import attach_saved_modules, chat_inputs, load_pretrained
 from ..methods.spec import build_method, parse_value, resolve_build
 from ..registry import find_adapter
 
@@ -105,6 +105,7 @@ class LeanVLMEval(lmms):
         )
         # the method's defaults for this model's depth, the arguments given on top (as every command)
         self.method = resolve_build(str(method), method_args, find_adapter(self.model).num_layers)
+        attach_saved_modules(self.model, pretrained, [self.method])  # trained modules saved beside it
         if self.method is not None:  # the setting that runs, said once (defaults follow the model's depth)
             print(f"leanvlm: method {method} -> {self.method.describe()}", file=sys.stderr)
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)

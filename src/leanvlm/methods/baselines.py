@@ -67,7 +67,7 @@ class _Baseline(Method):
 
     @classmethod
     def bench_default(cls, num_layers: int):
-        return cls(keep_ratio=0.25)  # before the LLM, FastV's default share (144 of 576)
+        return cls()  # the class's default: half of the visual tokens, before the LLM
 
     @classmethod
     def at_budget(cls, budget: float, num_layers: int):

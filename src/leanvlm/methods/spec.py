@@ -1,7 +1,8 @@
 """Parse method specs from text: ``"fastv:layer=2,keep_ratio=0.25"`` -> ``FastV(layer=2, keep_ratio=0.25)``.
 
-Shared by the CLI (and later by the eval plugin) so that text input gets the same validation and
-error messages as the Python API.
+Shared by the CLI, the training recipe and the evaluation plugin, so that text input gets the same
+validation and error messages as the Python API; :func:`resolve_method` also sets a named method's
+defaults for the model's depth.
 """
 
 from __future__ import annotations
@@ -105,19 +106,30 @@ def resolve_method(spec: str, num_layers: int):
     return resolve_build(name.strip(), parse_kwargs(args), num_layers)
 
 
+#: the depth the methods' published defaults are set for (LLaVA-1.5-7B's Vicuna-7B)
+REFERENCE_DEPTH = 32
+
+
 def resolve_build(name: str, kwargs: dict, num_layers: int):
-    """:func:`resolve_method` from a name and its arguments (``"none"`` gives None)."""
+    """:func:`resolve_method` from a name and its arguments (``"none"`` gives None).
+
+    The fields the depth changes are those where ``bench_default(num_layers)`` differs from
+    ``bench_default(32)``, the depth the published defaults are set for; they are taken from the former
+    unless the spec sets one of them (then the spec is taken as written)."""
     import dataclasses
 
     if name.lower() in ("none", ""):
         return build_method(name, kwargs)
     cls = get_method(name)
-    plain, scaled = cls(), cls.bench_default(num_layers)
-    changed = {
-        f.name: getattr(scaled, f.name)
-        for f in dataclasses.fields(cls)
-        if f.init and getattr(scaled, f.name) != getattr(plain, f.name)
-    }
-    if changed.keys() & kwargs.keys():
-        changed = {}
-    return build_method(name, {**changed, **kwargs})
+    try:
+        here, reference = cls.bench_default(num_layers), cls.bench_default(REFERENCE_DEPTH)
+        scaled = {
+            f.name: getattr(here, f.name)
+            for f in dataclasses.fields(cls)
+            if f.init and getattr(here, f.name) != getattr(reference, f.name)
+        }
+    except (ConfigError, TypeError):  # no default fits this depth (or the method has required fields)
+        scaled = {}
+    if scaled.keys() & kwargs.keys():
+        scaled = {}
+    return build_method(name, {**scaled, **kwargs})

@@ -19,8 +19,9 @@ from ..registry import find_adapter
 from .schedule import StagedSchedule
 
 
-def parse_schedule(text: str) -> StagedSchedule:
-    """``"4stage"`` (a preset) or ``"0.5:vcc:layer=2,stride=8;0.5:none"`` (fraction:method spec; ...)."""
+def parse_schedule(text: str, num_layers: int | None = None) -> StagedSchedule:
+    """``"4stage"`` (a preset) or ``"0.5:vcc:layer=2,stride=8;0.5:none"`` (fraction:method spec; ...); with
+    ``num_layers``, each stage's method takes its defaults for that depth (:func:`resolve_method`)."""
     if ":" not in text:
         return StagedSchedule.preset(text)
     stages = []
@@ -32,7 +33,7 @@ def parse_schedule(text: str) -> StagedSchedule:
             raise ConfigError(
                 f"--schedule stage {item!r} must start with a fraction, e.g. '0.25:vcc:stride=8'"
             ) from None
-        stages.append((value, parse_method(spec)))
+        stages.append((value, parse_method(spec) if num_layers is None else resolve_method(spec, num_layers)))
     return StagedSchedule(tuple(stages))
 
 
@@ -149,19 +150,6 @@ def logging_callback():
     return LoggingIntervals()
 
 
-def saved_modules(folder: str, methods) -> bool:
-    """Whether ``folder`` (a checkpoint folder) holds modules of every method in ``methods``."""
-    import json
-
-    from ..modules.io import CONFIG
-
-    path = Path(folder) / CONFIG
-    if not path.is_file():
-        return False
-    saved = json.loads(path.read_text()).get("modules", [])
-    return all(m.module_key() in saved for m in methods)
-
-
 def modules_optimizer(model, own: list, args):
     """AdamW with the methods' modules at ``--modules-lr`` and every other trained parameter at ``--lr``
     (the reference recipes' separate rate for new modules); the Trainer schedules both alike."""
@@ -205,7 +193,7 @@ def gather(value) -> list:
 def run(args) -> dict:
     from transformers import Trainer, TrainingArguments
 
-    from ..loading import check_device, load_model, resolve_dtype
+    from ..loading import attach_saved_modules, check_device, load_model, resolve_dtype
     from .callback import ReductionCallback
     from .data import LlavaJsonDataset, collate
 
@@ -218,8 +206,8 @@ def run(args) -> dict:
     on_gpu = torch.device(args.device).type == "cuda"
     # load on the CPU: the Trainer (or accelerate / DeepSpeed) places the model on each process's device
     model, processor, label = load_model(args.model, args.preset, dtype=dtype, device="cpu", attn=args.attn)
-    if args.method and not args.schedule:  # the method's defaults for this model's depth
-        reduction = resolve_method(args.method, find_adapter(model).num_layers)
+    depth = find_adapter(model).num_layers  # a method's defaults follow the model's depth
+    reduction = parse_schedule(args.schedule, depth) if args.schedule else resolve_method(args.method or "none", depth)
     model.train()
     freeze(model, args.freeze)
     dataset = LlavaJsonDataset(args.data, processor, args.image_folder, max_length=args.max_length)
@@ -260,8 +248,8 @@ def run(args) -> dict:
     trainable = callback.trainable_methods()
     if resume and trainable:
         load_modules(model, resume, *trainable)  # the base weights' loader does not know them
-    elif trainable and args.model and saved_modules(args.model, trainable):
-        load_modules(model, args.model, *trainable)  # a run's output folder: a later stage goes on from it
+    elif trainable and args.model:
+        attach_saved_modules(model, args.model, trainable)  # a run's output folder: a later stage goes on
     prepare(model, *trainable)  # before the optimizer (the callback would attach them at the Trainer's init)
     own = select_parts(model, getattr(args, "train_parts", "all"), trainable)
     optimizers = (None, None)
