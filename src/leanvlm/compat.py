@@ -371,6 +371,17 @@ def vision_query_key(layer, hidden: torch.Tensor, query_rows: int = 1):
     return q, k, attn.scale
 
 
+def image_text_to_text_class(model_type: str) -> str:
+    """The class ``AutoModelForImageTextToText`` builds for ``model_type`` ("" when none; 5.18-5.24:
+    ``MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES``)."""
+    from transformers.models.auto import modeling_auto
+
+    mapping = getattr(modeling_auto, "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES", None)
+    if mapping is None:
+        raise fail("transformers.models.auto.modeling_auto has no MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES")
+    return mapping.get(model_type, "")
+
+
 @dataclasses.dataclass(frozen=True)
 class ClipLayerParts:
     """A CLIP-style vision encoder layer taken apart (5.18-5.24: ``layer_norm1``, ``self_attn`` with

@@ -64,7 +64,9 @@ def load_config(path_or_id: str, *, supported: bool = True):
 
     if looks_local(path_or_id):
         if not Path(path_or_id).expanduser().is_dir():
-            raise ConfigError(f"--model {path_or_id!r}: no such folder (give a checkpoint folder or a hub id)")
+            raise ConfigError(
+                f"--model {path_or_id!r}: no such folder (give a checkpoint folder or a hub id)"
+            )
         path_or_id = str(Path(path_or_id).expanduser())
     try:
         config = AutoConfig.from_pretrained(path_or_id)
@@ -82,9 +84,9 @@ def _check_supported(path_or_id: str, config) -> None:
     supported = supported_models()
     names = list(getattr(config, "architectures", None) or [])
     if not names:  # a config saved without its class: the class transformers builds for its model type
-        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+        from . import compat
 
-        names = [MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(getattr(config, "model_type", ""), "")]
+        names = [compat.image_text_to_text_class(getattr(config, "model_type", ""))]
     if not any(n in supported for n in names):
         found = ", ".join(names) or f"model type {getattr(config, 'model_type', '?')!r}"
         raise UnsupportedModelError(
@@ -200,7 +202,9 @@ def attach_saved_modules(model, folder, methods) -> bool:
 
     if not saved_modules(folder, methods):
         return False
-    load_modules(model, str(Path(str(folder)).expanduser()), *[m for m in methods if m is not None and m.trainable])
+    load_modules(
+        model, str(Path(str(folder)).expanduser()), *[m for m in methods if m is not None and m.trainable]
+    )
     return True
 
 

@@ -207,7 +207,11 @@ def run(args) -> dict:
     # load on the CPU: the Trainer (or accelerate / DeepSpeed) places the model on each process's device
     model, processor, label = load_model(args.model, args.preset, dtype=dtype, device="cpu", attn=args.attn)
     depth = find_adapter(model).num_layers  # a method's defaults follow the model's depth
-    reduction = parse_schedule(args.schedule, depth) if args.schedule else resolve_method(args.method or "none", depth)
+    reduction = (
+        parse_schedule(args.schedule, depth)
+        if args.schedule
+        else resolve_method(args.method or "none", depth)
+    )
     model.train()
     freeze(model, args.freeze)
     dataset = LlavaJsonDataset(args.data, processor, args.image_folder, max_length=args.max_length)
