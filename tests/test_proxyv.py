@@ -71,6 +71,17 @@ def test_start_layer_at_the_depth_is_the_baseline(adapter):
         assert torch.equal(model.generate(**inputs, max_new_tokens=5, do_sample=False), base_tokens)
 
 
+def test_the_no_op_needs_no_modules():
+    model, proc = build("llava")
+    inputs = make_inputs(proc, PROMPTS[:2])
+    with torch.no_grad():
+        base = model(**inputs).logits
+    with lv.apply(model, lv.ProxyV(start_layer=5)), torch.no_grad():
+        assert torch.equal(model(**inputs).logits, base)
+    with pytest.raises(lv.ConfigError, match=r"lv.prepare\(model, method\)"):
+        lv.apply(model, lv.ProxyV(start_layer=4))
+
+
 def brute_force_allowed(model, inputs, lay, state):
     """allowed(q, k) from the rules, token by token: text / newline queries see the real tokens at or
     before them and no proxy; a proxy sees the real non-grid tokens before its image and the proxies up

@@ -105,7 +105,7 @@ def apply(model, *methods: Method) -> Applied:
     for m in ordered:
         m.check_model(adapter.num_layers)
         m.check_adapter(adapter)
-        if m.trainable and m.requires_modules and not m.is_noop:
+        if m.trainable and m.requires_modules and not m.noop_on(adapter.num_layers):
             modules_for(model, m)  # raises, naming lv.prepare, when the method's modules are not attached
     impl = adapter.attn_implementation
     if ordered and impl not in SUPPORTED_ATTENTION:

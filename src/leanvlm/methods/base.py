@@ -145,6 +145,11 @@ class Method:
     def is_noop(self) -> bool:
         raise NotImplementedError
 
+    def noop_on(self, num_layers: int) -> bool:
+        """Whether this setting changes nothing on a model of ``num_layers`` decoder layers (``is_noop``,
+        or a setting that is the no-op only at that depth, e.g. ProxyV starting at the last layer)."""
+        return self.is_noop
+
     def describe(self) -> str:
         fields = ", ".join(f"{f.name}={show(getattr(self, f.name))}" for f in dataclasses.fields(self))
         return f"{type(self).__name__}({fields})"

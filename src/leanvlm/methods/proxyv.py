@@ -94,6 +94,9 @@ class ProxyV(Method):
     def is_noop(self) -> bool:
         return False  # the no-op is start_layer == the model's depth (checked against the model)
 
+    def noop_on(self, num_layers: int) -> bool:
+        return self.start_layer >= num_layers  # no layer is computed the ProxyV way: no modules needed
+
     @property
     def learned_count(self) -> int:
         if self.proxy != "learned":
