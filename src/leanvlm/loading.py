@@ -7,7 +7,6 @@ for on a machine without it)."""
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
@@ -96,35 +95,32 @@ def _check_supported(path_or_id: str, config) -> None:
 
 
 def load_processor(path_or_id: str, config=None):
-    """The checkpoint's processor; for Qwen2-VL / Qwen2.5-VL on a machine without torchvision (its video
-    processor needs it), the image processor, the tokenizer and the chat template, wrapped to build
-    inputs the way the processor does (:class:`leanvlm.qwen_inputs.QwenVLInputs`)."""
+    """The checkpoint's processor; where its class can not be built here (Qwen-VL's needs torchvision),
+    the stand-in the model's adapter builds (:meth:`leanvlm.adapters.base.Adapter.processor_without_torchvision`)."""
     from transformers import AutoProcessor
 
     try:
         return AutoProcessor.from_pretrained(path_or_id)
     except (ImportError, OSError, ValueError, TypeError) as err:
-        qwen = getattr(config, "model_type", "") in ("qwen2_vl", "qwen2_5_vl")
-        if not (qwen and "torchvision" in str(err).lower()):
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        adapter = _adapter_class(config)
+        try:
+            if adapter is None:
+                raise err
+            return adapter.processor_without_torchvision(path_or_id, config, err)
+        except (ImportError, OSError, ValueError, TypeError) as final:
+            first = str(final).strip().splitlines()[0] if str(final).strip() else type(final).__name__
             raise ConfigError(f"--model {path_or_id!r}: its processor can not be loaded: {first}") from None
-    from transformers import AutoImageProcessor, AutoTokenizer
-
-    from .qwen_inputs import QwenVLInputs
-
-    tokenizer = AutoTokenizer.from_pretrained(path_or_id)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        image_processor = AutoImageProcessor.from_pretrained(path_or_id)
-    merge = getattr(getattr(config, "vision_config", None), "spatial_merge_size", 2)
-    inputs = QwenVLInputs(tokenizer, image_processor, merge_size=merge)
-    template = _chat_template(path_or_id) or getattr(tokenizer, "chat_template", None)
-    if template:
-        inputs.chat_template = template
-    return inputs
 
 
-def _chat_template(path_or_id: str) -> str | None:
+def _adapter_class(config):
+    """The adapter class serving the checkpoint's model class (None when none does)."""
+    from .registry import ADAPTERS
+
+    names = set(getattr(config, "architectures", None) or [])
+    return next((a for a in ADAPTERS.values() if names & set(a.model_classes)), None)
+
+
+def saved_chat_template(path_or_id: str) -> str | None:
     """The processor's chat template saved with the checkpoint (``chat_template.jinja`` / ``.json``)."""
     import json
 

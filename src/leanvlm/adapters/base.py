@@ -171,9 +171,20 @@ class Adapter:
             "LlavaForConditionalGeneration and LlavaNextForConditionalGeneration"
         )
 
+    @property
+    def projector(self) -> nn.Module:
+        """The module that maps vision-tower features into the LLM's input space."""
+        raise UnsupportedModelError(f"{type(self.model).__name__}: its projector is not reachable")
+
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """The model's projector: vision-tower features [..., D_vision] -> the LLM's input space."""
-        raise UnsupportedModelError(f"{type(self.model).__name__}: its projector is not reachable")
+        return self.projector(features)
+
+    @classmethod
+    def processor_without_torchvision(cls, path_or_id: str, config, error: Exception):
+        """A processor for a checkpoint of this model whose processor class can not be built without
+        torchvision (``error``); models that have no such stand-in re-raise it."""
+        raise error
 
     def feature_sources(self, vision_inputs: dict, sequences: int) -> list[torch.Tensor]:
         """Per image of the batch, in order: [N, 2] long, the (vision-tower sequence, token) each of its N

@@ -88,8 +88,9 @@ class LlavaAdapter(Adapter):
         layer ``layer`` computes them from its input ``hidden`` [S, N, D]."""
         return compat.vision_query_key(self.vision_layers[layer], hidden)
 
-    def project(self, features: torch.Tensor) -> torch.Tensor:
-        return self.model.model.multi_modal_projector(features)
+    @property
+    def projector(self):
+        return self.model.model.multi_modal_projector
 
     def feature_sources(self, vision_inputs: dict, sequences: int) -> list[torch.Tensor]:
         n = self.model_shape(self.model.config).visual_tokens_per_image

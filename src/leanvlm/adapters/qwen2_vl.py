@@ -78,6 +78,40 @@ class QwenVLAdapter(Adapter):
         }
         return shapes.pop() if len(shapes) == 1 else None
 
+    @property
+    def projector(self):
+        """Qwen-VL's patch merger (it also merges 2x2 patches into one token)."""
+        return self.model.model.visual.merger
+
+    def project(self, features):
+        raise UnsupportedModelError(
+            f"{type(self.model).__name__}: its merger projects groups of 2x2 patches, not single features"
+        )
+
+    @classmethod
+    def processor_without_torchvision(cls, path_or_id: str, config, error: Exception):
+        """The image processor, the tokenizer and the checkpoint's chat template, wrapped to build inputs as
+        the processor does (its video processor needs torchvision)."""
+        if "torchvision" not in str(error).lower():
+            raise error
+        import warnings
+
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        from ..loading import saved_chat_template
+        from ..qwen_inputs import QwenVLInputs
+
+        tokenizer = AutoTokenizer.from_pretrained(path_or_id)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image_processor = AutoImageProcessor.from_pretrained(path_or_id)
+        merge = getattr(getattr(config, "vision_config", None), "spatial_merge_size", 2)
+        inputs = QwenVLInputs(tokenizer, image_processor, merge_size=merge)
+        template = saved_chat_template(path_or_id) or getattr(tokenizer, "chat_template", None)
+        if template:
+            inputs.chat_template = template
+        return inputs
+
     def visual_layout(self, vision_inputs: dict, image: int, n: int):
         """An image, or one video frame, is one grid: the merged (h, w) of its entry in
         ``image_grid_thw`` (images are numbered first) or ``video_grid_thw`` (then every frame), as

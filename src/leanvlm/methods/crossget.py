@@ -325,7 +325,7 @@ class _Tower:
         st = ctx.vision[STATE]
         text = ctx.shared["crossget_text"]
         num_layers, vision_layers = self.adapter.num_layers, len(st["cross"])
-        projector = self.adapter.model.model.multi_modal_projector
+        projector = self.adapter.projector
         frozen = {name: p.detach() for name, p in projector.named_parameters()}
         image = torch.func.functional_call(projector, frozen, (torch.stack(st["cross"], 1),))  # [I, V, D]
         repeat = [

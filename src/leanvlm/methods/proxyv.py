@@ -85,7 +85,9 @@ class ProxyV(Method):
         self._check_choice("proxy", self.proxy, PROXIES)
         if self.learned_proxies is not None:
             if self.proxy != "learned":
-                raise ConfigError("ProxyV: learned_proxies is for proxy='learned'")
+                raise ConfigError(
+                    f"ProxyV: learned_proxies={show(self.learned_proxies)} is for proxy='learned' (proxy={self.proxy!r})"
+                )
             n = self.learned_proxies
             if isinstance(n, bool) or not isinstance(n, int) or n < 1:
                 raise ConfigError(f"ProxyV: learned_proxies={show(n)} must be an integer >= 1")

@@ -51,16 +51,14 @@ PARTS = ("all", "modules", "modules+projector")
 
 
 def projector_of(model):
-    """The module mapping vision features into the LLM (LLaVA's projector, Qwen-VL's merger)."""
-    inner = model.model
-    found = getattr(inner, "multi_modal_projector", None) or getattr(
-        getattr(inner, "visual", None), "merger", None
-    )
-    if found is None:
-        raise ConfigError(
-            f"--train-parts: {type(model).__name__} has no multi_modal_projector / visual.merger"
-        )
-    return found
+    """The module mapping vision features into the LLM (the model's adapter knows it)."""
+    from ..errors import UnsupportedModelError
+    from ..registry import find_adapter
+
+    try:
+        return find_adapter(model).projector
+    except UnsupportedModelError as err:
+        raise ConfigError(f"--train-parts modules+projector: {err}") from None
 
 
 def select_parts(model, parts: str, methods) -> list:
